@@ -1,0 +1,14 @@
+"""ComfyUI nodes of rcca-palette: thin translations between ComfyUI types and rcca_core."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .attention_patch import RCCAAttentionPatch
+from .palette import AddRegion, RegionalPromptPalette
+from .pyramid import MaskPyramidNode
+
+NODES: list[type[io.ComfyNode]] = [RegionalPromptPalette, AddRegion, MaskPyramidNode, RCCAAttentionPatch]
+
+
+class RCCAExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

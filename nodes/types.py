@@ -1,0 +1,9 @@
+"""The pack's own socket types. Values are rcca_core objects, immutable once made."""
+
+from comfy_api.latest import io
+
+Regions = io.Custom("RCCA_REGIONS")  # tuple[RegionSpec, ...], a chain built by Add Region
+Palette = io.Custom("RCCA_PALETTE")  # rcca_core.Palette: encoded prompts + coverages
+MaskPyramid = io.Custom("RCCA_MASK_PYRAMID")  # rcca_core.MaskPyramid
+
+CATEGORY = "conditioning/rcca_palette"

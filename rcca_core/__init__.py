@@ -1,0 +1,12 @@
+"""rcca-palette core: regional prompt palettes, mask pyramids and region-constrained
+cross-attention (RCCA) in plain torch. Never imports ComfyUI, so it is testable alone."""
+
+from .palette import MAX_REGIONS, Palette, PaletteError, Region, RegionSpec
+from .masks import MaskPyramid, resize_mask_to_canvas
+from .attention import RCCAOptions, RegionalCrossAttention, region_bias, rcca_attention
+
+__all__ = [
+    "MAX_REGIONS", "Palette", "PaletteError", "Region", "RegionSpec",
+    "MaskPyramid", "resize_mask_to_canvas",
+    "RCCAOptions", "RegionalCrossAttention", "region_bias", "rcca_attention",
+]

@@ -1,0 +1,324 @@
+"""Region-constrained cross-attention (RCCA).
+
+Every region prompt's tokens join the cross-attention context, and a per-pixel bias lets each
+pixel attend only to the prompts that cover it:
+
+    Attention = softmax(Q K^T / sqrt(d) + B) V,   B[p, token of prompt r] = log M_r(p)
+
+with M_0 = clip(1 - sum_r M_r, 0, 1) for the background (block 0: the sampler's own positive
+context). Soft mode uses log M (coverage at or below eps counts as none, -inf); hard mode
+uses 0 where M >= 0.5 and -inf elsewhere. A row left with no finite entry falls back to
+block 0, so softmax never sees an all -inf row (no NaN). Self-attention and convolutions
+stay unmasked, so regions still see each other and blend.
+
+`RegionalCrossAttention` plugs this into a UNet that follows ComfyUI's transformer-options
+protocol (attn1/attn2 patch lists and `optimized_attention_override`) without importing it.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .masks import MaskPyramid
+from .palette import Palette, PaletteError
+
+ATTENTION_MODES = ("soft", "hard")
+BLOCK_KINDS = ("input", "middle", "output")
+LayerKey = tuple[str, int, int]  # (block kind, block id, transformer index) as ComfyUI names them
+
+
+@dataclass(frozen=True)
+class RCCAOptions:
+    mode: str = "soft"
+    eps: float = 1e-4
+    blocks: frozenset[tuple[str, int | None]] | None = None  # None: every cross-attention layer
+    sigma_start: float = math.inf  # active while sigma_end <= sigma <= sigma_start
+    sigma_end: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ATTENTION_MODES:
+            raise PaletteError(f"attention mode must be one of {ATTENTION_MODES}, got {self.mode!r}")
+        if not 0.0 < self.eps < 0.5:
+            raise PaletteError(f"eps must be in (0, 0.5), got {self.eps}")
+
+    def applies_to(self, kind: str, block_id: int) -> bool:
+        return self.blocks is None or (kind, None) in self.blocks or (kind, block_id) in self.blocks
+
+    @property
+    def full_range(self) -> bool:
+        return math.isinf(self.sigma_start) and self.sigma_end <= 0.0
+
+
+def parse_blocks(spec: str) -> frozenset[tuple[str, int | None]] | None:
+    """'all' or a comma list of input / middle / output, each optionally ':id' (e.g. 'input:4, output')."""
+    text = (spec or "").strip().lower()
+    if text in ("", "all"):
+        return None
+    out = set()
+    for part in text.split(","):
+        part = part.strip()
+        kind, _, num = part.partition(":")
+        kind = kind.strip()
+        if kind not in BLOCK_KINDS or (num and not num.strip().isdigit()):
+            raise PaletteError(f"blocks: cannot read {part!r}; use 'all' or a comma list of "
+                               f"{', '.join(BLOCK_KINDS)}, each optionally with ':<block id>' (e.g. 'input:4, middle')")
+        out.add((kind, int(num) if num else None))
+    return frozenset(out)
+
+
+def region_bias(weights: torch.Tensor, token_counts: Sequence[int], mode: str = "soft", eps: float = 1e-4) -> torch.Tensor:
+    """Per-block coverages (N, K, hw) -> additive attention bias (N, hw, sum(token_counts)), float32.
+
+    Block k covers token_counts[k] consecutive tokens of the context. Block 0 is the fallback
+    for rows that would otherwise have no finite entry.
+    """
+    if weights.shape[1] != len(token_counts):
+        raise ValueError(f"{weights.shape[1]} coverage blocks but {len(token_counts)} token blocks")
+    weights = weights.float()
+    neg_inf = torch.tensor(float("-inf"), device=weights.device)
+    if mode == "hard":
+        blocks = torch.where(weights >= 0.5, torch.zeros((), device=weights.device), neg_inf)
+    else:
+        blocks = torch.where(weights > eps, weights.clamp_min(eps).log(), neg_inf)
+    dead = torch.isinf(blocks).all(dim=1)  # (N, hw)
+    blocks[:, 0] = blocks[:, 0].masked_fill(dead, 0.0)
+    counts = torch.as_tensor(list(token_counts), device=weights.device)
+    return blocks.transpose(1, 2).repeat_interleave(counts, dim=-1).contiguous()
+
+
+def rcca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reference RCCA with plain SDPA: q (B, hw, heads*d), k/v (B, L, heads*d), bias (B, hw, L)."""
+    b, n, inner = q.shape
+    d = inner // heads
+    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(1).to(q.dtype))
+    return out.transpose(1, 2).reshape(b, n, inner)
+
+
+def cross_attention_layers(unet: torch.nn.Module) -> dict[LayerKey, torch.nn.Module]:
+    """The attn2 modules of a ComfyUI-style UNet (input_blocks / middle_block / output_blocks),
+    keyed as its forward names them in transformer_options: (kind, block id, transformer index)."""
+    layers: dict[LayerKey, torch.nn.Module] = {}
+    for name, module in unet.named_modules():
+        parts = name.split(".")
+        if parts[-1] != "attn2" or "transformer_blocks" not in parts:
+            continue
+        index = int(parts[parts.index("transformer_blocks") + 1])
+        if parts[0] == "input_blocks":
+            key = ("input", int(parts[1]), index)
+        elif parts[0] == "output_blocks":
+            key = ("output", int(parts[1]), index)
+        elif parts[0] == "middle_block":
+            key = ("middle", 0, index)
+        else:
+            continue
+        layers[key] = module
+    return layers
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter
+        return -1
+
+
+def _weight_token(linear: torch.nn.Module) -> tuple:
+    """What makes a projection's output change: the weight object, its in-place edits and
+    ComfyUI's on-the-fly weight functions (LoRA in low-VRAM mode)."""
+    w = linear.weight
+    return (weakref.ref(w), _version(w), tuple(id(f) for f in getattr(linear, "weight_function", ()) or ()))
+
+
+def _same_token(a: tuple, b: tuple) -> bool:
+    return a[0]() is b[0]() and a[1:] == b[1:]
+
+
+class RegionalCrossAttention:
+    """RCCA for one palette, as ComfyUI hooks.
+
+    - `attn2_patch` (an attn2_patch list entry) arms the next attention call when the layer,
+      block and sigma are selected; it changes nothing else, so other packs' patches compose.
+    - `attention_override` (transformer_options["optimized_attention_override"]) consumes the
+      arming: it appends the cached region K/V to the layer's own K/V and passes the bias as
+      the attention mask to whatever attention function ComfyUI (or an earlier override) uses.
+    - `attn1_patch` disarms, so an arming that another pack's attn2 replacement swallowed can
+      never reach the next block's self-attention.
+
+    Rows are laid out as ComfyUI batches them: chunks listed in cond_or_uncond (0 = cond,
+    1 = uncond), each holding the n latents. Cond rows get region-constrained attention;
+    uncond rows keep their own context unmasked, unless regions carry negative prompts, which
+    then constrain the uncond rows the same way (regions without one use the shared negative).
+    """
+
+    def __init__(self, palette: Palette, layers: Mapping[LayerKey, torch.nn.Module],
+                 options: RCCAOptions = RCCAOptions(), pyramid: MaskPyramid | None = None,
+                 previous_override: Callable[..., Any] | None = None) -> None:
+        if pyramid is None:
+            pyramid = MaskPyramid(palette.region_coverage(), "nearest" if options.mode == "hard" else "area")
+        elif pyramid.regions != len(palette.regions) or pyramid.canvas_size != (palette.height, palette.width):
+            raise PaletteError(
+                f"the mask pyramid ({pyramid.regions} regions, canvas {pyramid.canvas_size[1]} x {pyramid.canvas_size[0]}) "
+                f"was not made from this palette ({len(palette.regions)} regions, canvas {palette.width} x {palette.height})")
+        self.palette = palette
+        self.pyramid = pyramid
+        self.options = options
+        self.layers = dict(layers)
+        self.previous_override = previous_override
+        self._positive = torch.cat([r.context for r in palette.regions], dim=1)
+        self._negative_regions = [i for i, r in enumerate(palette.regions) if r.negative_context is not None]
+        self._negative = (torch.cat([palette.regions[i].negative_context for i in self._negative_regions], dim=1)
+                          if self._negative_regions else None)
+        self._token_counts = [r.context.shape[1] for r in palette.regions]
+        self._negative_counts = [palette.regions[i].negative_context.shape[1] for i in self._negative_regions]
+        self._armed: tuple | None = None
+        self._sigma_obj: Any = None
+        self._sigma_active = True
+        self._kv_cache: dict[tuple, tuple] = {}
+        self._bias_cache: dict[tuple, torch.Tensor] = {}
+
+    def __deepcopy__(self, memo):
+        # ModelPatcher.clone() deep-copies model_options, and with them our bound hooks; a copy
+        # would duplicate the UNet layers we reference. The object is shared by design: its
+        # configuration is immutable and its caches stay valid for every clone.
+        return self
+
+    # -- ComfyUI hooks ------------------------------------------------------------------
+    def attn1_patch(self, n, context, value, extra_options):
+        self._armed = None
+        return n, context, value
+
+    def attn2_patch(self, n, context, value, extra_options):
+        self._armed = None
+        block = extra_options.get("block")
+        shape = extra_options.get("activations_shape")
+        if block is None or shape is None or not self.options.applies_to(block[0], block[1]):
+            return n, context, value
+        if not self._sigma_in_range(extra_options.get("sigmas")):
+            return n, context, value
+        key = (block[0], block[1], extra_options.get("block_index", 0))
+        if key not in self.layers:
+            raise PaletteError(f"RCCA: no cross-attention layer {key} in this model; the patch supports SD1.5 and SDXL UNets")
+        cond_or_uncond = tuple(extra_options.get("cond_or_uncond") or (0,))
+        self._armed = (key, int(shape[-2]), int(shape[-1]), cond_or_uncond)
+        return n, context, value
+
+    def attention_override(self, func, *args, **kwargs):
+        armed, self._armed = self._armed, None
+        if armed is None:
+            return self._call(func, args, kwargs)
+        key, h, w, cond_or_uncond = armed
+        q, k, v, heads = args[:4]
+        mask = args[4] if len(args) > 4 else kwargs.pop("mask", None)
+        split_heads = k.ndim == 4  # skip_reshape callers pass (B, heads, L, d)
+        tokens = q.shape[2] if split_heads else q.shape[1]
+        if tokens != h * w:
+            raise PaletteError(f"RCCA: attention layer {key} has {tokens} queries but activations are {h} x {w}; "
+                               "another patch changed the layer's input, which RCCA cannot follow")
+        own = k.shape[2] if split_heads else k.shape[1]
+        k_extra, v_extra = self._extra_kv(key, q.dtype, q.device, q.shape[0], cond_or_uncond, heads if split_heads else 0)
+        bias = self._bias(h, w, own, cond_or_uncond, q.shape[0], q.dtype, q.device)
+        if mask is not None:
+            bias = bias + _as_float_mask(mask, own, bias)
+        seq = 2 if split_heads else 1
+        k = torch.cat([k, k_extra], dim=seq)
+        v = torch.cat([v, v_extra], dim=seq)
+        kwargs["mask"] = bias
+        return self._call(func, (q, k, v, heads) + tuple(args[5:]), kwargs)
+
+    def install(self, model_options: dict) -> None:
+        """Register the hooks in a (cloned) ComfyUI model_options dict."""
+        to = model_options.setdefault("transformer_options", {})
+        patches = to.setdefault("patches", {})
+        patches["attn1_patch"] = patches.get("attn1_patch", []) + [self.attn1_patch]
+        patches["attn2_patch"] = patches.get("attn2_patch", []) + [self.attn2_patch]
+        to["optimized_attention_override"] = self.attention_override
+
+    # -- internals ------------------------------------------------------------------------
+    def _call(self, func, args, kwargs):
+        if self.previous_override is not None:
+            return self.previous_override(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _sigma_in_range(self, sigmas) -> bool:
+        if self.options.full_range or sigmas is None:
+            return True
+        if sigmas is not self._sigma_obj:  # one host read per model call, not per layer
+            s = float(sigmas.max())
+            self._sigma_obj = sigmas
+            self._sigma_active = self.options.sigma_end <= s <= self.options.sigma_start
+        return self._sigma_active
+
+    def _rows_per_chunk(self, batch: int, cond_or_uncond: tuple[int, ...]) -> int:
+        chunks = len(cond_or_uncond)
+        if batch % chunks:
+            raise PaletteError(f"RCCA: batch of {batch} rows does not split into {chunks} cond/uncond chunks")
+        n = batch // chunks
+        if self.pyramid.samples not in (1, n):
+            raise PaletteError(f"the palette has {self.pyramid.samples} mask sets but the latent batch has {n} latents; "
+                               "give one mask per region, or a mask batch of the latent batch size")
+        return n
+
+    def _extra_kv(self, key, dtype, device, batch, cond_or_uncond, heads):
+        cache_key = (key, dtype, device)
+        layer = self.layers[key]
+        token = (_weight_token(layer.to_k), _weight_token(layer.to_v))
+        hit = self._kv_cache.get(cache_key)
+        if hit is None or not (_same_token(hit[0][0], token[0]) and _same_token(hit[0][1], token[1])):
+            with torch.no_grad():
+                ctx = self._positive if self._negative is None else torch.cat([self._positive, self._negative], dim=1)
+                ctx = ctx.to(device=device, dtype=dtype)
+                hit = (token, layer.to_k(ctx), layer.to_v(ctx))
+            self._kv_cache[cache_key] = hit
+        _, k_extra, v_extra = hit
+        k_extra = k_extra.expand(batch, -1, -1)
+        v_extra = v_extra.expand(batch, -1, -1)
+        if heads:
+            k_extra, v_extra = (t.reshape(batch, t.shape[1], heads, -1).transpose(1, 2) for t in (k_extra, v_extra))
+        return k_extra, v_extra
+
+    def _bias(self, h, w, own, cond_or_uncond, batch, dtype, device) -> torch.Tensor:
+        cache_key = (h, w, own, cond_or_uncond, batch, dtype, device)
+        bias = self._bias_cache.get(cache_key)
+        if bias is not None:
+            return bias
+        n = self._rows_per_chunk(batch, cond_or_uncond)
+        level = self.pyramid.level(h, w).to(device)  # (N, 1 + P, hw)
+        counts = [own] + self._token_counts + self._negative_counts
+        zeros = torch.zeros_like(level[:, :1])
+        negatives = level[:, [1 + i for i in self._negative_regions]] if self._negative_regions else level[:, :0]
+        cond_w = torch.cat([level, zeros.expand(-1, len(self._negative_counts), -1)], dim=1)
+        if self._negative_regions:
+            shared = level.sum(dim=1, keepdim=True) - negatives.sum(dim=1, keepdim=True)
+        else:
+            shared = torch.ones_like(zeros)
+        uncond_w = torch.cat([shared, zeros.expand(-1, len(self._token_counts), -1), negatives], dim=1)
+        per_kind = {}
+        for kind, weights in ((0, cond_w), (1, uncond_w)):
+            b = region_bias(weights, counts, self.options.mode, self.options.eps)
+            per_kind[kind] = b.expand(n, -1, -1) if b.shape[0] == 1 else b
+        bias = torch.cat([per_kind[1 if c == 1 else 0] for c in cond_or_uncond], dim=0).to(dtype)
+        if len(self._bias_cache) > 32:
+            self._bias_cache.clear()
+        self._bias_cache[cache_key] = bias
+        return bias
+
+
+def _as_float_mask(mask: torch.Tensor, own: int, bias: torch.Tensor) -> torch.Tensor:
+    """Another patch's mask over the layer's own tokens, padded with zeros for the region tokens."""
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(~mask, float("-inf"))
+    mask = mask.to(bias.dtype)
+    if mask.shape[-1] != own:
+        raise PaletteError(f"RCCA: an attention mask over {mask.shape[-1]} tokens cannot be combined with a layer of {own} tokens")
+    if mask.ndim == 4:  # (B, heads, hw, L): fold heads only if they agree
+        if mask.shape[1] != 1:
+            raise PaletteError("RCCA: per-head attention masks from another patch are not supported")
+        mask = mask[:, 0]
+    return F.pad(mask, (0, bias.shape[-1] - own))

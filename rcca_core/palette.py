@@ -1,0 +1,174 @@
+"""The regional prompt palette: regions (prompt + soft mask) over a canvas, plus a background.
+
+A palette is immutable. Nodes that add regions return a new chain, so every edit is a graph
+edge and a saved workflow is complete. `RegionSpec` is what a user gives (text and mask);
+`Region` is the same after the prompts are encoded; `Palette` is the encoded whole.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+MAX_REGIONS = 16
+"""More regions than this rarely help a drawing and make the concatenated context long."""
+
+DEFAULT_COLORS = (
+    "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
+    "#fabed4", "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#000075",
+)
+_HEX_COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
+
+
+class PaletteError(ValueError):
+    """Bad palette input; the message says what was wrong and what is accepted."""
+
+
+def check_mask_values(mask: torch.Tensor, what: str) -> None:
+    """Masks are soft coverages: finite floats in [0, 1]."""
+    if not torch.is_floating_point(mask):
+        raise PaletteError(f"{what}: mask must be a float tensor with values in [0, 1], got dtype {mask.dtype}")
+    if mask.numel() == 0:
+        raise PaletteError(f"{what}: mask is empty (shape {tuple(mask.shape)})")
+    if not bool(torch.isfinite(mask).all()):
+        raise PaletteError(f"{what}: mask contains NaN or infinite values; masks must be finite values in [0, 1]")
+    lo, hi = float(mask.min()), float(mask.max())
+    if lo < 0.0 or hi > 1.0:
+        raise PaletteError(f"{what}: mask values must lie in [0, 1], got min {lo:.4g} and max {hi:.4g}")
+
+
+@dataclass(frozen=True, eq=False)
+class RegionSpec:
+    """One region as the user defines it.
+
+    mask: (H, W) for one canvas, or (N, H, W) for N latents that each get their own mask
+    (a batch, or the frames of a stream). The region's coverage is strength * mask.
+    """
+
+    prompt: str
+    mask: torch.Tensor
+    strength: float = 1.0
+    negative: str = ""
+    name: str = ""
+    color: str = ""
+
+    def __post_init__(self) -> None:
+        what = f"region '{self.name}'" if self.name else "region"
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise PaletteError(f"{what}: prompt is empty; every region needs the text it should show")
+        if not isinstance(self.mask, torch.Tensor) or self.mask.ndim not in (2, 3):
+            shape = tuple(self.mask.shape) if isinstance(self.mask, torch.Tensor) else type(self.mask).__name__
+            raise PaletteError(f"{what}: mask must be (H, W) or (N, H, W), got {shape}")
+        check_mask_values(self.mask, what)
+        if not (isinstance(self.strength, (int, float)) and math.isfinite(self.strength) and 0.0 <= self.strength <= 1.0):
+            raise PaletteError(f"{what}: strength must be a number in [0, 1], got {self.strength!r}")
+        if self.color and not _HEX_COLOR.match(self.color):
+            raise PaletteError(f"{what}: colour must look like '#rrggbb', got {self.color!r}")
+
+    @property
+    def samples(self) -> int:
+        return 1 if self.mask.ndim == 2 else self.mask.shape[0]
+
+    def coverage(self, height: int, width: int) -> torch.Tensor:
+        """strength * mask as (N, H, W) float32, resized to the canvas by the documented rule."""
+        from .masks import resize_mask_to_canvas
+
+        mask = self.mask if self.mask.ndim == 3 else self.mask.unsqueeze(0)
+        what = f"region '{self.name}'" if self.name else "region"
+        return resize_mask_to_canvas(mask.float(), width, height, what) * float(self.strength)
+
+
+def add_region(chain: Sequence[RegionSpec], spec: RegionSpec) -> tuple[RegionSpec, ...]:
+    """A new chain with spec appended; the old chain is untouched."""
+    chain = tuple(chain)
+    if len(chain) >= MAX_REGIONS:
+        raise PaletteError(f"a palette holds at most {MAX_REGIONS} regions; this chain already has {len(chain)}")
+    name = spec.name or f"region {len(chain) + 1}"
+    color = spec.color or DEFAULT_COLORS[len(chain) % len(DEFAULT_COLORS)]
+    if name != spec.name or color != spec.color:
+        spec = RegionSpec(spec.prompt, spec.mask, spec.strength, spec.negative, name, color)
+    return chain + (spec,)
+
+
+@dataclass(frozen=True, eq=False)
+class Region:
+    """A region with its prompts encoded: context (1, L, D), negative_context (1, L', D) or None."""
+
+    spec: RegionSpec
+    context: torch.Tensor
+    negative_context: torch.Tensor | None = None
+
+
+Encoder = Callable[[str], torch.Tensor]
+"""Text -> token embeddings (1, L, D); the node passes one built from a ComfyUI CLIP."""
+
+
+@dataclass(frozen=True, eq=False)
+class Palette:
+    """Background prompt + regions over a width x height canvas (pixels)."""
+
+    width: int
+    height: int
+    background: str
+    background_context: torch.Tensor
+    regions: tuple[Region, ...]
+    _coverage: torch.Tensor = field(repr=False, default=None)
+
+    @classmethod
+    def build(cls, specs: Sequence[RegionSpec], background: str, width: int, height: int, encode: Encoder) -> "Palette":
+        """Validate everything first (cheap), then encode every prompt once."""
+        if not isinstance(width, int) or not isinstance(height, int) or width < 8 or height < 8:
+            raise PaletteError(f"canvas size must be whole pixels >= 8, got {width} x {height}")
+        specs = tuple(specs)
+        if not specs:
+            raise PaletteError("the palette is empty: add at least one region (a mask and a prompt); "
+                               "for a single prompt over the whole canvas use plain conditioning instead")
+        if len(specs) > MAX_REGIONS:
+            raise PaletteError(f"a palette holds at most {MAX_REGIONS} regions, got {len(specs)}")
+        coverage = [s.coverage(height, width) for s in specs]
+        counts = sorted({c.shape[0] for c in coverage} - {1})
+        if len(counts) > 1:
+            raise PaletteError(f"regions carry mask batches of different sizes {counts}; "
+                               "use one mask per region or the same batch size for all")
+        samples = counts[0] if counts else 1
+        stacked = torch.stack([c.expand(samples, -1, -1) for c in coverage], dim=1)  # (N, P, H, W)
+
+        background_context = _encoded(encode, background, "background prompt")
+        regions = []
+        for spec in specs:
+            ctx = _encoded(encode, spec.prompt, f"region '{spec.name}' prompt")
+            neg = _encoded(encode, spec.negative, f"region '{spec.name}' negative") if spec.negative.strip() else None
+            if ctx.shape[-1] != background_context.shape[-1]:
+                raise PaletteError("prompts encoded to different widths; use one CLIP for the whole palette")
+            regions.append(Region(spec, ctx, neg))
+        return cls(width, height, background, background_context, tuple(regions), stacked.contiguous())
+
+    @property
+    def context_dim(self) -> int:
+        return int(self.background_context.shape[-1])
+
+    @property
+    def samples(self) -> int:
+        """How many latents the masks describe (1 = one set broadcast to every latent)."""
+        return int(self._coverage.shape[0])
+
+    def region_coverage(self) -> torch.Tensor:
+        """(N, P, H, W) float32: strength * mask per region at canvas size."""
+        return self._coverage
+
+    def coverage_with_background(self) -> torch.Tensor:
+        """(N, 1 + P, H, W): background clip(1 - sum, 0, 1) first, then the regions."""
+        cov = self._coverage
+        background = (1.0 - cov.sum(dim=1, keepdim=True)).clamp(0.0, 1.0)
+        return torch.cat([background, cov], dim=1)
+
+
+def _encoded(encode: Encoder, text: str, what: str) -> torch.Tensor:
+    ctx = encode(text)
+    if not isinstance(ctx, torch.Tensor) or ctx.ndim != 3 or ctx.shape[0] != 1:
+        raise PaletteError(f"{what}: the text encoder returned {getattr(ctx, 'shape', type(ctx))}, expected (1, tokens, dim)")
+    return ctx

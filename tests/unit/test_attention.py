@@ -1,0 +1,291 @@
+"""RCCA properties of the design, pinned on a cross-attention layer driven by ComfyUI's hook protocol."""
+
+import copy
+import hashlib
+
+import pytest
+import torch
+
+from fake_unet import CrossAttention, run_layer, sdpa_attention
+from rcca_core.attention import RCCAOptions, RegionalCrossAttention, parse_blocks, region_bias
+from rcca_core.masks import MaskPyramid
+from rcca_core.palette import Palette, PaletteError, RegionSpec
+
+CTX_DIM, DIM, HEADS = 12, 16, 2
+KEY = ("input", 1, 0)
+
+
+def encode(text: str, dtype=torch.float32) -> torch.Tensor:
+    """Deterministic fake text encoder; token count varies with the text (as long prompts do)."""
+    seed = int(hashlib.sha1(text.encode()).hexdigest()[:8], 16)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 5 + len(text) % 4, CTX_DIM, generator=g, dtype=dtype)
+
+
+def make(specs, mode="soft", background="bg", width=32, height=24, **opts):
+    layer = CrossAttention(DIM, CTX_DIM, HEADS)
+    palette = Palette.build(specs, background, width, height, encode)
+    rcca = RegionalCrossAttention(palette, {KEY: layer}, RCCAOptions(mode=mode, **opts))
+    to = {}
+    rcca.install(to_holder := {"transformer_options": to})
+    return layer, palette, rcca, to_holder["transformer_options"]
+
+
+def queries(batch, h, w, seed=1):
+    return torch.randn(batch, h * w, DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def plain(layer, x, context, h, w):
+    return run_layer(layer, x, context, h, w, {})
+
+
+def halves(h=24, w=32):
+    left = torch.zeros(h, w)
+    left[:, : w // 2] = 1
+    return left, 1 - left
+
+
+def test_full_canvas_region_equals_plain_prompt_with_cfg():
+    h, w = 6, 8
+    layer, _, _, to = make([RegionSpec("a red fox", torch.ones(24, 32))])
+    x = queries(2, h, w)
+    own = torch.cat([encode("bg"), encode("blurry")])  # rows: cond, uncond
+    out = run_layer(layer, x, own, h, w, {**to, "cond_or_uncond": [0, 1]})
+    want_cond = plain(layer, x[:1], encode("a red fox"), h, w)
+    want_uncond = plain(layer, x[1:], encode("blurry"), h, w)
+    torch.testing.assert_close(out[:1], want_cond, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1:], want_uncond, atol=1e-6, rtol=0)
+
+
+def test_cfg_one_has_only_cond_rows():
+    h, w = 6, 8
+    layer, _, _, to = make([RegionSpec("a red fox", torch.ones(24, 32))])
+    x = queries(1, h, w)
+    out = run_layer(layer, x, encode("bg"), h, w, {**to, "cond_or_uncond": [0]})
+    torch.testing.assert_close(out, plain(layer, x, encode("a red fox"), h, w), atol=1e-5, rtol=0)
+
+
+def test_hard_disjoint_masks_isolate_regions():
+    h, w = 6, 8
+    left, right = halves()
+    x = queries(1, h, w)
+    outs = []
+    for right_prompt in ("a blue car", "an old oak tree in autumn"):
+        layer, _, _, to = make([RegionSpec("a cat", left), RegionSpec(right_prompt, right)], mode="hard")
+        outs.append(run_layer(layer, x, encode("bg"), h, w, {**to, "cond_or_uncond": [0]}).reshape(1, h, w, DIM))
+    torch.testing.assert_close(outs[0][:, :, : w // 2], outs[1][:, :, : w // 2], atol=1e-6, rtol=0)
+    assert (outs[0][:, :, w // 2:] - outs[1][:, :, w // 2:]).abs().max() > 1e-3  # the edited region did change
+
+
+def _masses64(q, k, bias, heads, counts):
+    """float64 softmax(QK^T/sqrt(d) + B) summed per token block: (B, heads, hw, blocks)."""
+    b, n, inner = q.shape
+    d = inner // heads
+    q64, k64 = (t.double().reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k))
+    attn = torch.softmax(q64 @ k64.transpose(-1, -2) / d ** 0.5 + bias.double().unsqueeze(1), dim=-1)
+    return torch.stack([blk.sum(-1) for blk in attn.split(counts, dim=-1)], dim=-1)
+
+
+def test_soft_masks_give_formula_attention_mass():
+    h, w = 6, 8
+    ramp = torch.linspace(0, 1, 32).expand(24, 32).contiguous()
+    specs = [RegionSpec("a dog", ramp * 0.5), RegionSpec("a cat", (1 - ramp) * 0.7)]
+    layer, palette, rcca, to = make(specs)
+    x = queries(1, h, w)
+    seen = {}
+
+    def capture(func, q, k, v, heads, mask=None, **kw):  # an earlier override, as another pack would install
+        seen.update(q=q, k=k, mask=mask)
+        return func(q, k, v, heads, mask=mask, **kw)
+
+    rcca.previous_override = capture
+    run_layer(layer, x, encode("bg"), h, w, {**to, "cond_or_uncond": [0]})
+    counts = [encode("bg").shape[1]] + [r.context.shape[1] for r in palette.regions]
+    got = _masses64(seen["q"], seen["k"], seen["mask"], HEADS, counts)
+
+    # independent float64 reference: mass_r = M_r Z_r / sum_r' M_r' Z_r', Z_r = sum over r's tokens of exp(q.k/sqrt d)
+    d = DIM // HEADS
+    q64 = layer.to_q(x).double().reshape(1, -1, HEADS, d).transpose(1, 2)
+    zs = []
+    for ctx in [encode("bg")] + [r.context for r in palette.regions]:
+        k64 = layer.to_k(ctx).double().reshape(1, -1, HEADS, d).transpose(1, 2)
+        zs.append(torch.exp(q64 @ k64.transpose(-1, -2) / d ** 0.5).sum(-1))
+    z = torch.stack(zs, dim=-1)  # (1, heads, hw, 3)
+    cov = torch.nn.functional.interpolate(palette.region_coverage().double(), size=(h, w), mode="area").flatten(2)
+    m = torch.cat([(1 - cov.sum(1, keepdim=True)).clamp(0, 1), cov], dim=1).transpose(1, 2).unsqueeze(1)  # (1,1,hw,3)
+    want = m * z / (m * z).sum(-1, keepdim=True)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert torch.allclose(got.sum(-1), torch.ones_like(got[..., 0]).double())
+
+
+def test_zero_coverage_rows_fall_back_to_background_without_nan():
+    h, w = 4, 4
+    faint = torch.full((24, 32), 0.3)
+    layer, _, _, to = make([RegionSpec("a dog", faint), RegionSpec("a cat", faint)], mode="hard")  # all < 0.5
+    x = queries(1, h, w)
+    out = run_layer(layer, x, encode("bg"), h, w, {**to, "cond_or_uncond": [0]})
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, plain(layer, x, encode("bg"), h, w), atol=1e-5, rtol=0)
+
+
+def test_region_bias_rows_always_have_a_finite_entry():
+    weights = torch.tensor([[[0.0, 0.2, 1.0], [0.0, 0.0, 0.0], [0.0, 0.9, 0.0]]])  # (1, K=3, hw=3)
+    for mode in ("soft", "hard"):
+        bias = region_bias(weights, [2, 1, 3], mode)
+        assert bias.shape == (1, 3, 6)
+        assert torch.isfinite(bias).any(-1).all()
+    soft = region_bias(weights, [2, 1, 3], "soft")
+    assert soft[0, 0, 0] == 0 and torch.isinf(soft[0, 0, 2:3]).all()  # pixel 0: nothing covers it -> background
+    torch.testing.assert_close(soft[0, 1], torch.log(torch.tensor([0.2, 0.2, 0.0, 0.9, 0.9, 0.9])))  # log M per token
+
+
+def test_batch_with_per_sample_masks():
+    h, w = 6, 8
+    left, right = halves()
+    x = queries(2, h, w)
+    layer, _, _, to = make([RegionSpec("a dog", torch.stack([left, right])), RegionSpec("a cat", torch.stack([right, left]))])
+    out = run_layer(layer, x, encode("bg").expand(2, -1, -1), h, w, {**to, "cond_or_uncond": [0]})
+    for i, (m1, m2) in enumerate(((left, right), (right, left))):
+        layer1, _, _, to1 = make([RegionSpec("a dog", m1), RegionSpec("a cat", m2)])
+        want = run_layer(layer1, x[i:i + 1], encode("bg"), h, w, {**to1, "cond_or_uncond": [0]})
+        torch.testing.assert_close(out[i:i + 1], want, atol=1e-6, rtol=0)
+    assert (out[0] - out[1]).abs().max() > 1e-3
+
+
+def test_batch_of_latents_shares_one_mask_set_with_cfg():
+    h, w = 6, 8
+    left, right = halves()
+    x = queries(4, h, w)  # 2 latents x (cond, uncond)
+    layer, _, _, to = make([RegionSpec("a dog", left), RegionSpec("a cat", right)])
+    own = torch.cat([encode("bg")] * 2 + [encode("blurry")] * 2)
+    out = run_layer(layer, x, own, h, w, {**to, "cond_or_uncond": [0, 1]})
+    for i in range(2):
+        single = run_layer(layer, x[i:i + 1], encode("bg"), h, w, {**to, "cond_or_uncond": [0]})
+        torch.testing.assert_close(out[i:i + 1], single, atol=1e-6, rtol=0)
+        torch.testing.assert_close(out[2 + i:3 + i], plain(layer, x[2 + i:3 + i], encode("blurry"), h, w), atol=1e-6, rtol=0)
+
+
+def test_mask_batch_must_match_latent_batch():
+    h, w = 6, 8
+    left, right = halves()
+    layer, _, _, to = make([RegionSpec("a dog", torch.stack([left, right, left]))])
+    with pytest.raises(PaletteError, match="3 mask sets but the latent batch has 2"):
+        run_layer(layer, queries(2, h, w), encode("bg").expand(2, -1, -1), h, w, {**to, "cond_or_uncond": [0]})
+
+
+@pytest.mark.parametrize("h,w,canvas", [(5, 7, (40, 56)), (9, 5, (72, 40)), (3, 3, (24, 24))])
+def test_odd_and_non_square_layers(h, w, canvas):
+    H, W = canvas
+    top = torch.zeros(H, W)
+    top[: H // 2] = 1
+    layer, _, _, to = make([RegionSpec("sky", top)], width=W, height=H)
+    x = queries(1, h, w)
+    out = run_layer(layer, x, encode("bg"), h, w, {**to, "cond_or_uncond": [0]})
+    assert out.shape == (1, h * w, DIM) and torch.isfinite(out).all()
+    # the first row is fully inside the top region: exactly the region prompt there
+    torch.testing.assert_close(out[:, :w], plain(layer, x, encode("sky"), h, w)[:, :w], atol=1e-5, rtol=0)
+
+
+def test_kv_of_region_prompts_is_cached_until_weights_change():
+    h, w = 4, 4
+    layer, _, _, to = make([RegionSpec("a dog", torch.ones(24, 32))])
+    calls = []
+    layer.to_k.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+    x = queries(1, h, w)
+    first = run_layer(layer, x, encode("bg"), h, w, {**to, "cond_or_uncond": [0]})
+    run_layer(layer, x, encode("bg"), h, w, {**to, "cond_or_uncond": [0]})
+    region_tokens = encode("a dog").shape[1]
+    assert calls.count(region_tokens) == 1  # projected once, reused on the second step
+    layer.to_k.weight = torch.nn.Parameter(layer.to_k.weight * 2)  # what a LoRA load does
+    second = run_layer(layer, x, encode("bg"), h, w, {**to, "cond_or_uncond": [0]})
+    assert calls.count(region_tokens) == 2
+    torch.testing.assert_close(second, plain(layer, x, encode("a dog"), h, w), atol=1e-5, rtol=0)
+    assert (second - first).abs().max() > 1e-4
+
+
+def test_composes_with_other_patches_and_an_earlier_override():
+    h, w = 4, 4
+    layer, _, rcca, to = make([RegionSpec("a dog", torch.ones(24, 32))])
+    seen = []
+
+    def earlier_override(func, *args, **kwargs):
+        seen.append(args[1].shape[1])
+        return func(*args, **kwargs)
+
+    rcca.previous_override = earlier_override
+    other_calls = []
+
+    def other_attn2_patch(n, context, value, extra):
+        other_calls.append(extra["block"])
+        return n, context, value
+
+    to["patches"]["attn2_patch"].insert(0, other_attn2_patch)
+    x = queries(1, h, w)
+    out = run_layer(layer, x, encode("bg"), h, w, {**to, "cond_or_uncond": [0]})
+    assert other_calls == [KEY[:2]]
+    assert seen == [encode("bg").shape[1] + encode("a dog").shape[1]]  # earlier override saw the extended context
+    torch.testing.assert_close(out, plain(layer, x, encode("a dog"), h, w), atol=1e-5, rtol=0)
+
+
+def test_attn1_disarms_so_a_swallowed_attn2_never_leaks_into_self_attention():
+    h, w = 4, 4
+    layer, _, rcca, to = make([RegionSpec("a dog", torch.ones(24, 32))])
+    extra = {"block": ("input", 1), "block_index": 0, "activations_shape": [1, DIM, h, w], "cond_or_uncond": [0]}
+    x = queries(1, h, w)
+    rcca.attn2_patch(x, encode("bg"), encode("bg"), extra)  # armed; imagine an attn2 replacement skipped the override
+    rcca.attn1_patch(x, x, x, extra)
+    q, k, v = layer.to_q(x), layer.to_q(x), layer.to_q(x)
+    out = rcca.attention_override(sdpa_attention, q, k, v, HEADS, transformer_options=to)
+    torch.testing.assert_close(out, sdpa_attention(q, k, v, HEADS))
+
+
+def test_unselected_blocks_and_sigma_range_leave_attention_plain():
+    h, w = 4, 4
+    x = queries(1, h, w)
+    layer, _, _, to = make([RegionSpec("a dog", torch.ones(24, 32))], blocks=parse_blocks("output, middle"))
+    out = run_layer(layer, x, encode("bg"), h, w, {**to, "cond_or_uncond": [0]})
+    torch.testing.assert_close(out, plain(layer, x, encode("bg"), h, w))
+    layer, _, _, to = make([RegionSpec("a dog", torch.ones(24, 32))], sigma_start=5.0, sigma_end=1.0)
+    for sigma, want in ((10.0, "bg"), (3.0, "a dog"), (0.5, "bg")):
+        out = run_layer(layer, x, encode("bg"), h, w, {**to, "cond_or_uncond": [0], "sigmas": torch.tensor([sigma])})
+        torch.testing.assert_close(out, plain(layer, x, encode(want), h, w), atol=1e-5, rtol=0)
+
+
+def test_region_negative_prompts_constrain_uncond_rows():
+    h, w = 6, 8
+    left, right = halves()
+    x = queries(2, h, w)
+    own = torch.cat([encode("bg"), encode("blurry")])
+    # a region whose negative is the shared negative behaves exactly like one without
+    layer, _, _, to = make([RegionSpec("a dog", left, negative="blurry"), RegionSpec("a cat", right)])
+    out = run_layer(layer, x, own, h, w, {**to, "cond_or_uncond": [0, 1]})
+    torch.testing.assert_close(out[1:], plain(layer, x[1:], encode("blurry"), h, w), atol=1e-5, rtol=0)
+    # a distinct negative applies inside its region only
+    layer, _, _, to = make([RegionSpec("a dog", left, negative="extra legs"), RegionSpec("a cat", right)], mode="hard")
+    out = run_layer(layer, x, own, h, w, {**to, "cond_or_uncond": [0, 1]}).reshape(2, h, w, DIM)
+    want_left = plain(layer, x[1:], encode("extra legs"), h, w).reshape(1, h, w, DIM)
+    want_right = plain(layer, x[1:], encode("blurry"), h, w).reshape(1, h, w, DIM)
+    torch.testing.assert_close(out[1:, :, : w // 2], want_left[:, :, : w // 2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1:, :, w // 2:], want_right[:, :, w // 2:], atol=1e-5, rtol=0)
+
+
+def test_deepcopy_shares_the_hook_object():
+    _, _, rcca, to = make([RegionSpec("a dog", torch.ones(24, 32))])
+    copied = copy.deepcopy(to)
+    assert copied["optimized_attention_override"].__self__ is rcca
+
+
+def test_pyramid_from_another_palette_is_refused():
+    palette = Palette.build([RegionSpec("a dog", torch.ones(24, 32))], "bg", 32, 24, encode)
+    other = MaskPyramid(torch.ones(1, 2, 24, 32))
+    with pytest.raises(PaletteError, match="not made from this palette"):
+        RegionalCrossAttention(palette, {}, RCCAOptions(), other)
+
+
+def test_options_and_blocks_are_validated():
+    with pytest.raises(PaletteError, match="attention mode"):
+        RCCAOptions(mode="medium")
+    with pytest.raises(PaletteError, match="cannot read 'decoder'"):
+        parse_blocks("input, decoder")
+    assert parse_blocks("all") is None
+    assert parse_blocks("input:4, middle") == frozenset({("input", 4), ("middle", None)})
