@@ -1,0 +1,136 @@
+"""Write example_workflows/: each workflow in the UI format the ComfyUI frontend loads
+(example_workflows/NAME.json, listed as a template) and its API-format twin for POST /prompt
+(example_workflows/api/NAME.json), both from one description below.
+
+Widget order and output types come from the live node definitions of a ComfyUI host, so the
+UI files match what the frontend expects. Run with the host's python:
+    .host/venv/bin/python scripts/make_workflows.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+PACK = Path(__file__).resolve().parents[1]
+OUT = PACK / "example_workflows"
+DEMO_CKPT = "rcca_demo_random_sd15.safetensors"  # scripts/run_demo.py puts a user's checkpoint or a random one here
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+SIZE = 512
+
+
+def regions_graph(sampler: str, steps: int, cfg: float, scheduler: str) -> dict:
+    """Two regions (left: fox, right: car) over a meadow, RCCA-patched model, core KSampler."""
+    return {
+        "1": ("CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, (0, 0)),
+        "2": ("SolidMask", {"value": 0.0, "width": SIZE, "height": SIZE}, (0, 160)),
+        "3": ("SolidMask", {"value": 1.0, "width": SIZE // 2, "height": SIZE}, (0, 300)),
+        "4": ("MaskComposite", {"destination": ["2", 0], "source": ["3", 0], "x": 0, "y": 0, "operation": "add"}, (250, 160)),
+        "5": ("InvertMask", {"mask": ["4", 0]}, (250, 360)),
+        "6": ("RCCAAddRegion", {"mask": ["4", 0], "prompt": "a red fox sitting in the grass", "strength": 1.0,
+                                "negative": "", "name": "fox", "color": "#e6194b"}, (500, 100)),
+        "7": ("RCCAAddRegion", {"mask": ["5", 0], "prompt": "a blue vintage car", "strength": 1.0,
+                                "negative": "", "name": "car", "color": "#4363d8", "regions": ["6", 0]}, (500, 420)),
+        "8": ("RCCARegionalPromptPalette", {"clip": ["1", 1], "background": "a sunny meadow, detailed photograph",
+                                            "width": SIZE, "height": SIZE, "regions": ["7", 0]}, (850, 100)),
+        "9": ("EmptyLatentImage", {"width": SIZE, "height": SIZE, "batch_size": 1}, (850, 420)),
+        "10": ("RCCAMaskPyramid", {"palette": ["8", 0], "mode": "area", "latent": ["9", 0], "levels": 4}, (1200, 420)),
+        "11": ("RCCAAttentionPatch", {"model": ["1", 0], "palette": ["8", 0], "pyramid": ["10", 0], "mode": "soft",
+                                      "start_percent": 0.0, "end_percent": 1.0, "blocks": "all"}, (1200, 100)),
+        "12": ("CLIPTextEncode", {"clip": ["1", 1], "text": "blurry, low quality"}, (850, 600)),
+        "13": ("KSampler", {"model": ["11", 0], "seed": 42, "steps": steps, "cfg": cfg, "sampler_name": sampler,
+                            "scheduler": scheduler, "positive": ["8", 1], "negative": ["12", 0],
+                            "latent_image": ["9", 0], "denoise": 1.0}, (1550, 100)),
+        "14": ("VAEDecode", {"samples": ["13", 0], "vae": ["1", 2]}, (1900, 100)),
+        "15": ("SaveImage", {"images": ["14", 0], "filename_prefix": "rcca_palette"}, (2150, 100)),
+    }
+
+
+WORKFLOWS = {
+    # LCM: for LCM checkpoints or a model with an LCM-LoRA; 6 steps, low cfg
+    "rcca_regions_lcm": regions_graph("lcm", 6, 1.5, "sgm_uniform"),
+    # any SD1.5 checkpoint with a plain sampler
+    "rcca_regions_euler": regions_graph("euler", 20, 7.0, "normal"),
+}
+
+
+def to_api(graph: dict) -> dict:
+    return {nid: {"class_type": ctype, "inputs": dict(inputs)} for nid, (ctype, inputs, _) in graph.items()}
+
+
+def input_specs(node_class) -> list[tuple[str, str, dict]]:
+    """(name, type, options) of every input in the frontend's order: required, then optional."""
+    spec = node_class.INPUT_TYPES()
+    out = []
+    for section in ("required", "optional"):
+        for name, (typ, *rest) in spec.get(section, {}).items():
+            typ = "COMBO" if isinstance(typ, list) else typ
+            out.append((name, typ, rest[0] if rest else {}))
+    return out
+
+
+def to_ui(graph: dict, classes: dict) -> dict:
+    links, nodes = [], []
+    out_links: dict[tuple[str, int], list[int]] = {}
+    for nid, (ctype, inputs, _) in graph.items():
+        for name, value in inputs.items():
+            if isinstance(value, list):
+                links.append([len(links) + 1, int(value[0]), value[1], int(nid), name])
+                out_links.setdefault((value[0], value[1]), []).append(len(links))
+    for order, (nid, (ctype, inputs, pos)) in enumerate(graph.items()):
+        cls = classes[ctype]
+        sockets, widgets = [], []
+        for name, typ, opts in input_specs(cls):
+            value = inputs.get(name, opts.get("default"))
+            if typ in WIDGET_TYPES and not isinstance(value, list):
+                widgets.append(value)
+                if opts.get("control_after_generate"):
+                    widgets.append("fixed")
+            elif typ not in WIDGET_TYPES:
+                link = next((l[0] for l in links if l[3] == int(nid) and l[4] == name), None)
+                sockets.append({"name": name, "type": typ, "link": link})
+        out_types = list(cls.RETURN_TYPES)
+        out_names = list(getattr(cls, "RETURN_NAMES", None) or out_types)
+        outputs = [{"name": out_names[i], "type": t, "links": out_links.get((nid, i), []), "slot_index": i}
+                   for i, t in enumerate(out_types)]
+        nodes.append({"id": int(nid), "type": ctype, "pos": list(pos), "size": [300, 120 + 26 * len(widgets)],
+                      "flags": {}, "order": order, "mode": 0, "inputs": sockets, "outputs": outputs,
+                      "properties": {"Node name for S&R": ctype}, "widgets_values": widgets})
+    type_of = {(n["id"], i): o["type"] for n in nodes for i, o in enumerate(n["outputs"])}
+    ui_links = []
+    for link_id, src, slot, dst, name in links:
+        dst_node = next(n for n in nodes if n["id"] == dst)
+        dst_slot = next(i for i, s in enumerate(dst_node["inputs"]) if s["name"] == name)
+        ui_links.append([link_id, src, slot, dst, dst_slot, type_of[(src, slot)]])
+    return {"last_node_id": max(int(k) for k in graph), "last_link_id": len(ui_links), "nodes": nodes,
+            "links": ui_links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def load_node_classes() -> dict:
+    comfy = PACK / ".host" / "ComfyUI"
+    sys.path.insert(0, str(os.environ.get("COMFYUI_DIR", comfy)))
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import utils.extra_config  # noqa: F401  (before nodes: ComfyUI's own utils package)
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+def main() -> None:
+    classes = load_node_classes()
+    (OUT / "api").mkdir(parents=True, exist_ok=True)
+    for name, graph in WORKFLOWS.items():
+        (OUT / f"{name}.json").write_text(json.dumps(to_ui(graph, classes), indent=1) + "\n")
+        (OUT / "api" / f"{name}.json").write_text(json.dumps(to_api(graph), indent=1) + "\n")
+        print(f"wrote example_workflows/{name}.json and example_workflows/api/{name}.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The pack on an unmodified ComfyUI server, driven over its HTTP API."""
+
+import json
+from pathlib import Path
+
+import pytest
+from comfy_server import ComfyServerError
+
+PACK = Path(__file__).resolve().parents[2]
+PACK_NODES = {
+    "RCCARegionalPromptPalette": ("Regional Prompt Palette", {"clip", "background", "width", "height", "regions"}),
+    "RCCAAddRegion": ("Add Region", {"mask", "prompt", "strength", "negative", "name", "color", "regions"}),
+    "RCCAMaskPyramid": ("Mask Pyramid", {"palette", "mode", "latent", "levels"}),
+    "RCCAAttentionPatch": ("RCCA Attention Patch", {"model", "palette", "pyramid", "mode", "start_percent", "end_percent", "blocks"}),
+}
+
+
+def test_object_info_lists_every_pack_node_with_its_inputs(comfy_server):
+    info = comfy_server.get_json("/object_info")
+    for node_id, (display, inputs) in PACK_NODES.items():
+        assert node_id in info, f"{node_id} missing from /object_info"
+        entry = info[node_id]
+        assert entry["display_name"] == display
+        assert entry["category"] == "conditioning/rcca_palette"
+        listed = set(entry["input"].get("required", {})) | set(entry["input"].get("optional", {}))
+        assert listed == inputs
+    assert info["RCCARegionalPromptPalette"]["output"] == ["RCCA_PALETTE", "CONDITIONING", "MASK"]
+
+
+def test_example_api_workflow_succeeds_over_http(comfy_server):
+    prompt = json.loads((PACK / "example_workflows" / "api" / "rcca_regions_lcm.json").read_text())
+    prompt["1"]["inputs"]["ckpt_name"] = comfy_server.ckpt_name
+    prompt["13"]["inputs"]["steps"] = 2  # 512 px on 2 CPU cores; the graph is what is tested
+    entry = comfy_server.run(prompt, timeout=300)
+    assert entry["status"]["status_str"] == "success"
+    images = comfy_server.outputs_images(entry)
+    assert images and images[0].name.startswith("rcca_palette") and images[0].stat().st_size > 0
+
+
+def test_bad_palette_fails_with_the_packs_message(comfy_server):
+    prompt = json.loads((PACK / "example_workflows" / "api" / "rcca_regions_lcm.json").read_text())
+    prompt["1"]["inputs"]["ckpt_name"] = comfy_server.ckpt_name
+    prompt["7"]["inputs"]["prompt"] = "  "
+    with pytest.raises(ComfyServerError, match="prompt is empty"):
+        comfy_server.run(prompt, timeout=120)
+
+
+def test_extension_javascript_is_served(comfy_server):
+    status, body = comfy_server.get("/extensions/rcca-palette/rcca_palette.js")
+    assert status == 200 and b"registerExtension" in body
+    listed = comfy_server.get_json("/extensions")
+    assert "/extensions/rcca-palette/rcca_palette.js" in listed
+
+
+def test_example_workflows_are_listed_as_templates(comfy_server):
+    templates = comfy_server.get_json("/workflow_templates")
+    assert {"rcca_regions_lcm", "rcca_regions_euler"} <= set(templates.get("rcca-palette", []))
