@@ -1,0 +1,39 @@
+"""Session fixture `comfy_server`: the host's stock ComfyUI server over HTTP, with the tiny
+SD1.5 support pack loaded and a tiny random checkpoint in a temp checkpoints folder."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACK_DIR = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(PACK_DIR / "scripts"))  # comfy_server, random_checkpoints (unique names)
+
+from comfy_server import DEFAULT_COMFYUI, ComfyServer  # noqa: E402
+
+COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR") or DEFAULT_COMFYUI).resolve()
+SUPPORT_NODES = PACK_DIR / "tests" / "support"  # holds tiny_sd_pack (registers the tiny model class)
+TINY_CKPT = "tiny_sd15.safetensors"
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory: pytest.TempPathFactory):
+    """A running ComfyServer with `ckpt_name` set; stopped at the end of the session."""
+    if not (COMFYUI_DIR / "main.py").is_file():
+        pytest.fail(f"no ComfyUI at {COMFYUI_DIR}: run `bash scripts/test.sh` (builds .host/) "
+                    "or set COMFYUI_DIR", pytrace=False)
+    ckpts = tmp_path_factory.mktemp("server_checkpoints")
+    # a child process builds it, so this test process need not import torch/ComfyUI at all
+    r = subprocess.run([sys.executable, str(PACK_DIR / "scripts" / "random_checkpoints.py"), "--preset", "tiny",
+                        "--comfyui", str(COMFYUI_DIR), str(ckpts / TINY_CKPT)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.fail(f"building the tiny checkpoint failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}", pytrace=False)
+    # the server runs on this interpreter (the host venv under scripts/test.sh)
+    srv = ComfyServer(checkpoints_dir=ckpts, custom_nodes_dirs=[SUPPORT_NODES], comfyui_dir=COMFYUI_DIR,
+                      python=sys.executable, workdir=tmp_path_factory.mktemp("server"))
+    srv.ckpt_name = TINY_CKPT
+    with srv:
+        yield srv
