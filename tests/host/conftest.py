@@ -74,6 +74,15 @@ class ComfyHost:
             raise KeyError(f"node {node_id} has no cached output (not executed?)")
         return tuple(v[0] if isinstance(v, list) and len(v) == 1 else v for v in entry.outputs)
 
+    def pack_module(self, name: str = "rcca_core") -> Any:
+        """A submodule of this pack as ComfyUI loaded it (its classes are the ones the nodes use;
+        a top-level `import rcca_core` would give a second copy)."""
+        suffix = f"{PACK_MODULE}.{name}"
+        for key, module in sys.modules.items():
+            if key.endswith(suffix):
+                return module
+        raise KeyError(f"{suffix} is not loaded; did the pack fail to import?")
+
     def load_tiny(self) -> tuple:
         """(model, clip, vae) of the tiny checkpoint, loaded once per session."""
         if self._tiny is None:
