@@ -86,7 +86,7 @@ def test_hard_disjoint_regions_leave_the_other_region_unchanged_at_the_layer_out
     assert (outputs[0][:, :, half:] - outputs[1][:, :, half:]).abs().max() > 1e-4
 
 
-def test_batch_non_square_and_odd_latents_sample_finite_and_per_latent_identical(comfy_host):
+def test_batch_of_two_on_a_non_square_odd_latent_samples_finite(comfy_host):
     model, _, _ = comfy_host.load_tiny()
     w, h = 200, 136  # latent 25 x 17: odd on both axes, levels round up
     left = torch.zeros(1, h, w)
