@@ -1,0 +1,308 @@
+"""Shared pieces of the benchmarks: in-process ComfyUI, random checkpoints, palettes, step timer.
+
+Nothing here is a test: benchmarks print numbers, they never assert on time.
+
+ComfyUI is imported in this process (no server), as tests/host/conftest.py does, with two
+differences: the device can be CUDA, and the pack is loaded straight from this checkout with
+nodes.load_custom_node() (the host's custom_nodes/ link is an absolute path that does not exist
+on a machine the tree was copied to). ComfyUI's built-in extra nodes are not loaded: KSampler,
+the checkpoint loader and CLIPTextEncode live in nodes.py, and skipping comfy_extras keeps the
+set of Python packages a bare GPU machine must have small.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+
+PACK_DIR = Path(__file__).resolve().parents[1]
+DEFAULT_COMFYUI = PACK_DIR / ".host" / "ComfyUI"
+RCCA_NODES = ("RCCAAddRegion", "RCCARegionalPromptPalette", "RCCAAttentionPatch")
+
+# distinct prompts so every region has its own tokens (cycled past 8 regions)
+REGION_PROMPTS = (
+    "a red fox sitting in tall grass", "a blue vintage car", "a lighthouse on a rocky cliff",
+    "a bowl of ripe oranges", "a snowy mountain peak at dawn", "a wooden sailing boat",
+    "a cat wearing a knitted scarf", "a field of yellow sunflowers",
+)
+BACKGROUND_PROMPT = "a wide landscape photograph, soft light"
+
+
+# -- ComfyUI in-process ---------------------------------------------------------------------
+
+@dataclass
+class Host:
+    """Handle on the in-process ComfyUI: its `nodes` module, the device and a temp root."""
+    nodes: ModuleType
+    device: str                       # "cpu" or "cuda"
+    comfyui_dir: Path
+    base: Path                        # temp root: checkpoints/ output/ input/ temp/ user/
+    _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    def node(self, node_id: str) -> Any:
+        return self.nodes.NODE_CLASS_MAPPINGS[node_id]
+
+    def sync(self) -> None:
+        """Wait for queued GPU work, so perf_counter() reads finished work (no-op on CPU)."""
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def setup_comfy(device: str = "cpu", comfyui_dir: str | os.PathLike | None = None) -> Host:
+    """Import ComfyUI in this process on `device` and load this pack; returns a Host.
+
+    Must run before anything imports comfy.model_management: the device is chosen at its import.
+    """
+    d = Path(comfyui_dir or os.environ.get("COMFYUI_DIR") or DEFAULT_COMFYUI).resolve()
+    if not (d / "nodes.py").is_file():
+        raise SystemExit(f"no ComfyUI at {d}: build it with scripts/setup_host.sh, or pass --comfyui DIR")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
+    if str(d) not in sys.path:
+        sys.path.insert(0, str(d))
+    sys.path.insert(0, str(PACK_DIR / "scripts"))  # random_checkpoints
+    # comfy.cli_args parses no argv in-process (unless enable_args_parsing()), so this is the only knob
+    from comfy.cli_args import args
+    if device == "cpu":
+        args.cpu = True  # before comfy.model_management is imported, which otherwise takes CUDA
+    import folder_paths
+
+    tmp = tempfile.TemporaryDirectory(prefix="rcca_bench_")
+    base = Path(tmp.name)
+    for sub in ("checkpoints", "output", "input", "temp", "user"):
+        (base / sub).mkdir()
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.set_input_directory(str(base / "input"))
+    folder_paths.set_temp_directory(str(base / "temp"))
+    folder_paths.set_user_directory(str(base / "user"))
+    folder_paths.add_model_folder_path("checkpoints", str(base / "checkpoints"), is_default=True)
+    # ComfyUI/utils is a package; import it before `nodes`, which puts ComfyUI/comfy first on
+    # sys.path (where comfy/utils.py would shadow it)
+    import utils.extra_config  # noqa: F401
+    import nodes
+    import comfy.utils
+    comfy.utils.PROGRESS_BAR_ENABLED = False  # no tqdm bars interleaved with the JSON
+
+    if not asyncio.run(nodes.load_custom_node(str(PACK_DIR))):
+        raise SystemExit(f"ComfyUI could not load the pack from {PACK_DIR} (see the log above)")
+    missing = [n for n in RCCA_NODES if n not in nodes.NODE_CLASS_MAPPINGS]
+    if missing:
+        raise SystemExit(f"pack loaded but these nodes are missing: {missing}")
+    return Host(nodes, device, d, base, tmp)
+
+
+def environment(host: Host) -> dict[str, Any]:
+    """Where the numbers came from: device, library versions, attention backend."""
+    import comfy.ldm.modules.attention as attention
+    try:
+        import comfyui_version
+        comfy_version = comfyui_version.__version__
+    except ImportError:
+        comfy_version = None
+    if host.device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = _cpu_name()
+    return {
+        "device": host.device,
+        "device_name": name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if host.device == "cuda" else None,
+        "torch_threads": torch.get_num_threads(),
+        "comfyui": comfy_version,
+        "attention": getattr(attention.optimized_attention, "__name__", str(attention.optimized_attention)),
+        "python": platform.python_version(),
+        # modules replaced by bench/gpu_run.sh's import-only stubs (never called by this benchmark)
+        # (vars(), not getattr: torch.ops and friends answer every attribute)
+        "import_stubs": sorted(n for n, m in list(sys.modules.items())
+                               if "." not in n and vars(m).get("__rcca_bench_stub__", False)),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+
+def prepare_checkpoint(host: Host, preset: str, ckpt: str | os.PathLike | None = None,
+                       dtype: torch.dtype = torch.float16) -> tuple[str, float]:
+    """Make a checkpoint loadable by name; returns (name, seconds spent writing it).
+
+    ckpt None: write the preset's random checkpoint into the temp dir. ckpt a path: use that
+    file if it exists (a real SD1.5 checkpoint works too), else write the preset there first,
+    so a rerun skips the slow part (the full preset is ~1.7 GB).
+    """
+    import folder_paths
+    import random_checkpoints as rc
+    rc.register_tiny_sd15()  # harmless for stock/full: it only matches sub-320-channel UNets
+    path = Path(ckpt).resolve() if ckpt else host.base / "checkpoints" / f"random_{preset}.safetensors"
+    seconds = 0.0
+    if not path.is_file():
+        t = time.perf_counter()
+        rc.write_checkpoint(path, rc.PRESETS[preset], seed=0, dtype=dtype)
+        seconds = time.perf_counter() - t
+    if path.parent != host.base / "checkpoints":
+        folder_paths.add_model_folder_path("checkpoints", str(path.parent))
+    return path.name, seconds
+
+
+def load_checkpoint(host: Host, name: str) -> tuple[Any, Any]:
+    """(model, clip) through the stock loader node, as a workflow would get them."""
+    model, clip = host.nodes.CheckpointLoaderSimple().load_checkpoint(name)[:2]
+    return model, clip
+
+
+# -- palettes -------------------------------------------------------------------------------
+
+def stripe_masks(regions: int, width: int, height: int) -> list[torch.Tensor]:
+    """`regions` vertical stripes of (nearly) equal width covering the canvas, each (1, H, W)."""
+    edges = [round(i * width / regions) for i in range(regions + 1)]
+    masks = []
+    for a, b in zip(edges, edges[1:]):
+        m = torch.zeros(1, height, width)
+        m[..., a:b] = 1.0
+        masks.append(m)
+    return masks
+
+
+def build_palette(host: Host, clip: Any, regions: int, width: int, height: int) -> tuple[Any, Any]:
+    """(palette, background conditioning) for `regions` striped regions, via the pack's nodes."""
+    add = host.node("RCCAAddRegion")
+    chain = None
+    for i, mask in enumerate(stripe_masks(regions, width, height)):
+        prompt = REGION_PROMPTS[i % len(REGION_PROMPTS)] + (f", variant {i}" if i >= len(REGION_PROMPTS) else "")
+        chain = add.execute(mask, prompt, 1.0, regions=chain).result[0]
+    palette, background, _coverage = host.node("RCCARegionalPromptPalette").execute(
+        clip, BACKGROUND_PROMPT, width, height, chain).result
+    return palette, background
+
+
+def patch_model(host: Host, model: Any, palette: Any, mode: str = "soft") -> Any:
+    """Patched clone over the whole schedule and every block (the node's defaults)."""
+    return host.node("RCCAAttentionPatch").execute(model, palette, mode, 0.0, 1.0, "all").result[0]
+
+
+# -- timing ---------------------------------------------------------------------------------
+
+@dataclass
+class RunTiming:
+    step_s: list[float]   # end-of-step to end-of-step intervals (steps 2..N of one run)
+    run_s: float          # the whole KSampler call, setup and model (re)load included
+    steps: int
+    samples: torch.Tensor
+
+
+class StepTimer:
+    """Times nodes.KSampler().sample() per step through the sampler's step callback.
+
+    KSampler builds its callback with latent_preview.prepare_callback(); wrapping that factory
+    stamps the clock (after a device sync) at the end of every step. Intervals between stamps
+    are pure sampling steps: no model loading, noise preparation or clone switching, which a
+    whole-run time also holds (it is reported too, as run_ms / steps).
+    """
+
+    def __init__(self, host: Host) -> None:
+        import latent_preview
+        self.host = host
+        self._module = latent_preview
+        self._original: Callable | None = None
+        self._stamps: list[float] = []
+
+    def __enter__(self) -> "StepTimer":
+        original = self._original = self._module.prepare_callback
+        stamps, sync = self._stamps, self.host.sync
+
+        def prepare_callback(model, steps, x0_output_dict=None):
+            inner = original(model, steps, x0_output_dict)
+
+            def callback(step, x0, x, total_steps):
+                sync()
+                stamps.append(time.perf_counter())
+                inner(step, x0, x, total_steps)
+            return callback
+
+        # nodes.common_ksampler looks the factory up on the module at each call
+        self._module.prepare_callback = prepare_callback
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._module.prepare_callback = self._original
+
+    def sample(self, model: Any, positive: Any, negative: Any, latent: dict, steps: int, cfg: float,
+               seed: int = 0, sampler: str = "euler", scheduler: str = "normal") -> RunTiming:
+        """One KSampler run; euler makes exactly one model call per step."""
+        self._stamps.clear()
+        self.host.sync()
+        t0 = time.perf_counter()
+        out = self.host.nodes.KSampler().sample(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent)[0]
+        self.host.sync()
+        run_s = time.perf_counter() - t0
+        if len(self._stamps) != steps:
+            raise RuntimeError(f"expected {steps} step callbacks, got {len(self._stamps)}")
+        step_s = [b - a for a, b in zip(self._stamps, self._stamps[1:])]
+        return RunTiming(step_s, run_s, steps, out["samples"])
+
+
+def summarize(runs: list[RunTiming]) -> dict[str, float]:
+    """Median per-step ms over every interval of every run, its quartiles, and whole-run ms/step."""
+    steps = sorted(s for r in runs for s in r.step_s)
+    q = statistics.quantiles(steps, n=4) if len(steps) >= 2 else [steps[0]] * 3
+    return {
+        "step_ms": round(1e3 * statistics.median(steps), 3),
+        "step_ms_p25": round(1e3 * q[0], 3),
+        "step_ms_p75": round(1e3 * q[2], 3),
+        "run_ms_per_step": round(1e3 * statistics.median(r.run_s / r.steps for r in runs), 3),
+        "intervals": len(steps),
+    }
+
+
+def compare_interleaved(timer: StepTimer, variants: dict[str, Any], positive: Any, negative: Any,
+                        latent: dict, steps: int, cfg: float, repeats: int, warmup: int = 1,
+                        seed: int = 0) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+    """Time every variant (name -> MODEL) `repeats` times, interleaved, after `warmup` runs each.
+
+    Interleaving (with the order rotated every round) spreads clock drift, thermal state and
+    cache effects over all variants instead of charging them to whichever ran last.
+    Returns (summary per variant, last samples per variant).
+    """
+    names = list(variants)
+    samples: dict[str, torch.Tensor] = {}
+    for _ in range(warmup):
+        for name in names:  # first runs build bias/KV caches and move weights to the device
+            samples[name] = timer.sample(variants[name], positive, negative, latent, steps, cfg, seed).samples
+    runs: dict[str, list[RunTiming]] = {n: [] for n in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t = timer.sample(variants[name], positive, negative, latent, steps, cfg, seed)
+            runs[name].append(t)
+            samples[name] = t.samples
+    return {n: summarize(runs[n]) for n in names}, samples
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 4) if b > 0 and math.isfinite(a) else float("nan")
