@@ -140,8 +140,76 @@ def _same_token(a: tuple, b: tuple) -> bool:
     return a[0]() is b[0]() and a[1:] == b[1:]
 
 
+class PreparedPalette:
+    """A palette made ready for attention: its mask pyramid, its region contexts concatenated,
+    and caches of their per-layer K/V projections and of the biases per resolution.
+
+    The extra tokens are [region 1 .. region P prompts] + [the regions' own negative prompts].
+    """
+
+    def __init__(self, palette: Palette, pyramid: MaskPyramid | None = None, mode: str = "soft") -> None:
+        if pyramid is None:
+            pyramid = MaskPyramid(palette.region_coverage(), "nearest" if mode == "hard" else "area")
+        elif pyramid.regions != len(palette.regions) or pyramid.canvas_size != (palette.height, palette.width):
+            raise PaletteError(
+                f"the mask pyramid ({pyramid.regions} regions, canvas {pyramid.canvas_size[1]} x {pyramid.canvas_size[0]}) "
+                f"was not made from this palette ({len(palette.regions)} regions, canvas {palette.width} x {palette.height})")
+        self.palette = palette
+        self.pyramid = pyramid
+        regions = palette.regions
+        self.negative_regions = [i for i, r in enumerate(regions) if r.negative_context is not None]
+        contexts = [r.context for r in regions] + [regions[i].negative_context for i in self.negative_regions]
+        self.context = torch.cat(contexts, dim=1)  # (1, extra tokens, D)
+        self.token_counts = [r.context.shape[1] for r in regions]
+        self.negative_counts = [regions[i].negative_context.shape[1] for i in self.negative_regions]
+        self._kv: dict[tuple, tuple] = {}
+        self._bias: dict[tuple, dict[int, torch.Tensor]] = {}
+
+    @property
+    def extra_tokens(self) -> int:
+        return int(self.context.shape[1])
+
+    @property
+    def samples(self) -> int:
+        return self.pyramid.samples
+
+    def extra_kv(self, key: LayerKey, layer: torch.nn.Module, dtype: torch.dtype, device: torch.device):
+        """(K, V) of the extra tokens at one layer, (1, extra tokens, inner); projected once while
+        the layer's weights are unchanged."""
+        token = (_weight_token(layer.to_k), _weight_token(layer.to_v))
+        hit = self._kv.get((key, dtype, device))
+        if hit is None or not (_same_token(hit[0][0], token[0]) and _same_token(hit[0][1], token[1])):
+            with torch.no_grad():
+                ctx = self.context.to(device=device, dtype=dtype)
+                hit = (token, layer.to_k(ctx), layer.to_v(ctx))
+            self._kv[(key, dtype, device)] = hit
+        return hit[1], hit[2]
+
+    def bias(self, h: int, w: int, own: int, mode: str, eps: float, device: torch.device) -> dict[int, torch.Tensor]:
+        """Float32 bias (N, hw, own + extra tokens) for cond rows (0) and uncond rows (1)."""
+        cache_key = (h, w, own, mode, eps, device)
+        hit = self._bias.get(cache_key)
+        if hit is not None:
+            return hit
+        level = self.pyramid.level(h, w).to(device)  # (N, 1 + P, hw)
+        counts = [own] + self.token_counts + self.negative_counts
+        zeros = torch.zeros_like(level[:, :1])
+        negatives = level[:, [1 + i for i in self.negative_regions]]
+        cond_w = torch.cat([level, zeros.expand(-1, len(self.negative_counts), -1)], dim=1)
+        if self.negative_regions:
+            shared = level.sum(dim=1, keepdim=True) - negatives.sum(dim=1, keepdim=True)
+        else:
+            shared = torch.ones_like(zeros)
+        uncond_w = torch.cat([shared, zeros.expand(-1, len(self.token_counts), -1), negatives], dim=1)
+        hit = {0: region_bias(cond_w, counts, mode, eps), 1: region_bias(uncond_w, counts, mode, eps)}
+        if len(self._bias) > 32:
+            self._bias.clear()
+        self._bias[cache_key] = hit
+        return hit
+
+
 class RegionalCrossAttention:
-    """RCCA for one palette, as ComfyUI hooks.
+    """RCCA as ComfyUI hooks.
 
     - `attn2_patch` (an attn2_patch list entry) arms the next attention call when the layer,
       block and sigma are selected; it changes nothing else, so other packs' patches compose.
@@ -155,33 +223,34 @@ class RegionalCrossAttention:
     1 = uncond), each holding the n latents. Cond rows get region-constrained attention;
     uncond rows keep their own context unmasked, unless regions carry negative prompts, which
     then constrain the uncond rows the same way (regions without one use the shared negative).
+
+    Every latent uses the patch's palette, unless the caller puts a tuple of n PreparedPalette
+    under transformer_options["rcca_rows"]: then latent i uses rows[i] (a stream batch, where
+    every slot belongs to a different frame with its own palette).
     """
 
-    def __init__(self, palette: Palette, layers: Mapping[LayerKey, torch.nn.Module],
+    ROWS_KEY = "rcca_rows"
+
+    def __init__(self, palette: Palette | PreparedPalette, layers: Mapping[LayerKey, torch.nn.Module],
                  options: RCCAOptions = RCCAOptions(), pyramid: MaskPyramid | None = None,
                  previous_override: Callable[..., Any] | None = None) -> None:
-        if pyramid is None:
-            pyramid = MaskPyramid(palette.region_coverage(), "nearest" if options.mode == "hard" else "area")
-        elif pyramid.regions != len(palette.regions) or pyramid.canvas_size != (palette.height, palette.width):
-            raise PaletteError(
-                f"the mask pyramid ({pyramid.regions} regions, canvas {pyramid.canvas_size[1]} x {pyramid.canvas_size[0]}) "
-                f"was not made from this palette ({len(palette.regions)} regions, canvas {palette.width} x {palette.height})")
-        self.palette = palette
-        self.pyramid = pyramid
+        self.default = palette if isinstance(palette, PreparedPalette) else PreparedPalette(palette, pyramid, options.mode)
         self.options = options
         self.layers = dict(layers)
         self.previous_override = previous_override
-        self._positive = torch.cat([r.context for r in palette.regions], dim=1)
-        self._negative_regions = [i for i, r in enumerate(palette.regions) if r.negative_context is not None]
-        self._negative = (torch.cat([palette.regions[i].negative_context for i in self._negative_regions], dim=1)
-                          if self._negative_regions else None)
-        self._token_counts = [r.context.shape[1] for r in palette.regions]
-        self._negative_counts = [palette.regions[i].negative_context.shape[1] for i in self._negative_regions]
         self._armed: tuple | None = None
         self._sigma_obj: Any = None
         self._sigma_active = True
-        self._kv_cache: dict[tuple, tuple] = {}
-        self._bias_cache: dict[tuple, torch.Tensor] = {}
+        self._rows_cache: dict[tuple, tuple] = {}
+        self._bias_cache: dict[tuple, tuple] = {}  # one palette for every latent (the KSampler case)
+
+    @property
+    def palette(self) -> Palette:
+        return self.default.palette
+
+    def prepare(self, palette: Palette, pyramid: MaskPyramid | None = None) -> PreparedPalette:
+        """A palette ready to be passed per latent under transformer_options["rcca_rows"]."""
+        return PreparedPalette(palette, pyramid, self.options.mode)
 
     def __deepcopy__(self, memo):
         # ModelPatcher.clone() deep-copies model_options, and with them our bound hooks; a copy
@@ -206,14 +275,15 @@ class RegionalCrossAttention:
         if key not in self.layers:
             raise PaletteError(f"RCCA: no cross-attention layer {key} in this model; the patch supports SD1.5 and SDXL UNets")
         cond_or_uncond = tuple(extra_options.get("cond_or_uncond") or (0,))
-        self._armed = (key, int(shape[-2]), int(shape[-1]), cond_or_uncond)
+        rows = extra_options.get(self.ROWS_KEY) or (self.default,)
+        self._armed = (key, int(shape[-2]), int(shape[-1]), cond_or_uncond, tuple(rows))
         return n, context, value
 
     def attention_override(self, func, *args, **kwargs):
         armed, self._armed = self._armed, None
         if armed is None:
             return self._call(func, args, kwargs)
-        key, h, w, cond_or_uncond = armed
+        key, h, w, cond_or_uncond, rows = armed
         q, k, v, heads = args[:4]
         mask = args[4] if len(args) > 4 else kwargs.pop("mask", None)
         split_heads = k.ndim == 4  # skip_reshape callers pass (B, heads, L, d)
@@ -222,10 +292,11 @@ class RegionalCrossAttention:
             raise PaletteError(f"RCCA: attention layer {key} has {tokens} queries but activations are {h} x {w}; "
                                "another patch changed the layer's input, which RCCA cannot follow")
         own = k.shape[2] if split_heads else k.shape[1]
-        k_extra, v_extra = self._extra_kv(key, q.dtype, q.device, q.shape[0], cond_or_uncond, heads if split_heads else 0)
-        bias = self._bias(h, w, own, cond_or_uncond, q.shape[0], q.dtype, q.device)
+        k_extra, v_extra, bias = self._extras(key, h, w, own, cond_or_uncond, rows, q.shape[0], q.dtype, q.device)
         if mask is not None:
             bias = bias + _as_float_mask(mask, own, bias)
+        if split_heads:
+            k_extra, v_extra = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (k_extra, v_extra))
         seq = 2 if split_heads else 1
         k = torch.cat([k, k_extra], dim=seq)
         v = torch.cat([v, v_extra], dim=seq)
@@ -239,6 +310,15 @@ class RegionalCrossAttention:
         patches["attn1_patch"] = patches.get("attn1_patch", []) + [self.attn1_patch]
         patches["attn2_patch"] = patches.get("attn2_patch", []) + [self.attn2_patch]
         to["optimized_attention_override"] = self.attention_override
+
+    @classmethod
+    def installed_in(cls, model_options: dict) -> "RegionalCrossAttention | None":
+        """The RCCA hooks already registered in model_options, if any."""
+        for patch in model_options.get("transformer_options", {}).get("patches", {}).get("attn2_patch", []):
+            owner = getattr(patch, "__self__", None)
+            if isinstance(owner, cls):
+                return owner
+        return None
 
     # -- internals ------------------------------------------------------------------------
     def _call(self, func, args, kwargs):
@@ -255,59 +335,61 @@ class RegionalCrossAttention:
             self._sigma_active = self.options.sigma_end <= s <= self.options.sigma_start
         return self._sigma_active
 
-    def _rows_per_chunk(self, batch: int, cond_or_uncond: tuple[int, ...]) -> int:
+    def _extras(self, key, h, w, own, cond_or_uncond, rows, batch, dtype, device):
+        """Extra K, V (batch, Lx, inner) and the bias (batch, hw, own + Lx) in the attention dtype."""
         chunks = len(cond_or_uncond)
         if batch % chunks:
             raise PaletteError(f"RCCA: batch of {batch} rows does not split into {chunks} cond/uncond chunks")
         n = batch // chunks
-        if self.pyramid.samples not in (1, n):
-            raise PaletteError(f"the palette has {self.pyramid.samples} mask sets but the latent batch has {n} latents; "
-                               "give one mask per region, or a mask batch of the latent batch size")
-        return n
-
-    def _extra_kv(self, key, dtype, device, batch, cond_or_uncond, heads):
-        cache_key = (key, dtype, device)
         layer = self.layers[key]
-        token = (_weight_token(layer.to_k), _weight_token(layer.to_v))
-        hit = self._kv_cache.get(cache_key)
-        if hit is None or not (_same_token(hit[0][0], token[0]) and _same_token(hit[0][1], token[1])):
-            with torch.no_grad():
-                ctx = self._positive if self._negative is None else torch.cat([self._positive, self._negative], dim=1)
-                ctx = ctx.to(device=device, dtype=dtype)
-                hit = (token, layer.to_k(ctx), layer.to_v(ctx))
-            self._kv_cache[cache_key] = hit
-        _, k_extra, v_extra = hit
-        k_extra = k_extra.expand(batch, -1, -1)
-        v_extra = v_extra.expand(batch, -1, -1)
-        if heads:
-            k_extra, v_extra = (t.reshape(batch, t.shape[1], heads, -1).transpose(1, 2) for t in (k_extra, v_extra))
-        return k_extra, v_extra
+        if len(rows) == 1:
+            prepared = rows[0]
+            if prepared.samples not in (1, n):
+                raise PaletteError(f"the palette has {prepared.samples} mask sets but the latent batch has {n} latents; "
+                                   "give one mask per region, or a mask batch of the latent batch size")
+            k_extra, v_extra = prepared.extra_kv(key, layer, dtype, device)
+            cache_key = (h, w, own, cond_or_uncond, n, dtype, device)
+            hit = self._bias_cache.get(cache_key)
+            if hit is None or hit[0] is not prepared:
+                per_kind = {kind: b.expand(n, -1, -1) for kind, b in
+                            prepared.bias(h, w, own, self.options.mode, self.options.eps, device).items()}
+                bias = torch.cat([per_kind[1 if c == 1 else 0] for c in cond_or_uncond], dim=0).to(dtype)
+                if len(self._bias_cache) > 32:
+                    self._bias_cache.clear()
+                hit = self._bias_cache[cache_key] = (prepared, bias)
+            return k_extra.expand(batch, -1, -1), v_extra.expand(batch, -1, -1), hit[1]
+        return self._per_latent_extras(key, layer, h, w, own, cond_or_uncond, rows, n, dtype, device)
 
-    def _bias(self, h, w, own, cond_or_uncond, batch, dtype, device) -> torch.Tensor:
-        cache_key = (h, w, own, cond_or_uncond, batch, dtype, device)
-        bias = self._bias_cache.get(cache_key)
-        if bias is not None:
-            return bias
-        n = self._rows_per_chunk(batch, cond_or_uncond)
-        level = self.pyramid.level(h, w).to(device)  # (N, 1 + P, hw)
-        counts = [own] + self._token_counts + self._negative_counts
-        zeros = torch.zeros_like(level[:, :1])
-        negatives = level[:, [1 + i for i in self._negative_regions]] if self._negative_regions else level[:, :0]
-        cond_w = torch.cat([level, zeros.expand(-1, len(self._negative_counts), -1)], dim=1)
-        if self._negative_regions:
-            shared = level.sum(dim=1, keepdim=True) - negatives.sum(dim=1, keepdim=True)
-        else:
-            shared = torch.ones_like(zeros)
-        uncond_w = torch.cat([shared, zeros.expand(-1, len(self._token_counts), -1), negatives], dim=1)
-        per_kind = {}
-        for kind, weights in ((0, cond_w), (1, uncond_w)):
-            b = region_bias(weights, counts, self.options.mode, self.options.eps)
-            per_kind[kind] = b.expand(n, -1, -1) if b.shape[0] == 1 else b
+    def _per_latent_extras(self, key, layer, h, w, own, cond_or_uncond, rows, n, dtype, device):
+        """Latent i attends with rows[i]'s palette: extra tokens padded to the longest palette,
+        padding masked with -inf. Cached per combination of palettes, which changes only when
+        a palette edit enters or leaves the stream."""
+        if len(rows) != n:
+            raise PaletteError(f"RCCA: {len(rows)} per-latent palettes for a batch of {n} latents")
+        cache_key = (key, h, w, own, cond_or_uncond, tuple(id(r) for r in rows), dtype, device)
+        hit = self._rows_cache.get(cache_key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], rows)):
+            return hit[1:]
+        longest = max(r.extra_tokens for r in rows)
+        ks, vs, biases = [], [], {0: [], 1: []}
+        for prepared in rows:
+            if prepared.samples != 1:
+                raise PaletteError("a per-latent palette must carry one mask set, got "
+                                   f"{prepared.samples}")
+            k_extra, v_extra = prepared.extra_kv(key, layer, dtype, device)
+            pad = longest - prepared.extra_tokens
+            ks.append(F.pad(k_extra, (0, 0, 0, pad)))
+            vs.append(F.pad(v_extra, (0, 0, 0, pad)))
+            for kind, b in prepared.bias(h, w, own, self.options.mode, self.options.eps, device).items():
+                biases[kind].append(F.pad(b, (0, pad), value=float("-inf")))
+        k_rows, v_rows = torch.cat(ks), torch.cat(vs)
+        per_kind = {kind: torch.cat(bs) for kind, bs in biases.items()}
         bias = torch.cat([per_kind[1 if c == 1 else 0] for c in cond_or_uncond], dim=0).to(dtype)
-        if len(self._bias_cache) > 32:
-            self._bias_cache.clear()
-        self._bias_cache[cache_key] = bias
-        return bias
+        result = (k_rows.repeat(len(cond_or_uncond), 1, 1), v_rows.repeat(len(cond_or_uncond), 1, 1), bias)
+        if len(self._rows_cache) > 256:
+            self._rows_cache.clear()
+        self._rows_cache[cache_key] = (tuple(rows),) + result
+        return result
 
 
 def _as_float_mask(mask: torch.Tensor, own: int, bias: torch.Tensor) -> torch.Tensor:

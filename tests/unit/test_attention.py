@@ -289,3 +289,25 @@ def test_options_and_blocks_are_validated():
         parse_blocks("input, decoder")
     assert parse_blocks("all") is None
     assert parse_blocks("input:4, middle") == frozenset({("input", 4), ("middle", None)})
+
+
+def test_per_latent_palettes_via_transformer_options_rows():
+    """A stream batch: every latent has its own palette (prompts of different token counts)."""
+    h, w = 6, 8
+    left, right = halves()
+    layer, _, rcca, to = make([RegionSpec("a dog", left)])
+    pa = rcca.prepare(Palette.build([RegionSpec("a dog", left), RegionSpec("a cat", right)], "bg", 32, 24, encode))
+    pb = rcca.prepare(Palette.build([RegionSpec("a long prompt about a red car", right)], "bg", 32, 24, encode))
+    assert pa.extra_tokens != pb.extra_tokens
+    x = queries(4, h, w)  # latents (A, B) x (cond, uncond)
+    own = torch.cat([encode("bg")] * 2 + [encode("blurry")] * 2)
+    out = run_layer(layer, x, own, h, w, {**to, "cond_or_uncond": [0, 1], "rcca_rows": (pa, pb)})
+    for i, prepared in enumerate((pa, pb)):
+        single_layer, _, _, single_to = make([r.spec for r in prepared.palette.regions])
+        want = run_layer(single_layer, x[i:i + 1], encode("bg"), h, w, {**single_to, "cond_or_uncond": [0]})
+        torch.testing.assert_close(out[i:i + 1], want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[2 + i:3 + i], plain(layer, x[2 + i:3 + i], encode("blurry"), h, w), atol=1e-5, rtol=0)
+    again = run_layer(layer, x, own, h, w, {**to, "cond_or_uncond": [0, 1], "rcca_rows": (pa, pb)})
+    torch.testing.assert_close(again, out, atol=0, rtol=0)  # the cached combination gives the same
+    with pytest.raises(PaletteError, match="3 per-latent palettes for a batch of 2"):
+        run_layer(layer, x, own, h, w, {**to, "cond_or_uncond": [0, 1], "rcca_rows": (pa, pb, pa)})
