@@ -5,8 +5,12 @@ from comfy_api.latest import ComfyExtension, io
 from .attention_patch import RCCAAttentionPatch
 from .palette import AddRegion, RegionalPromptPalette
 from .pyramid import MaskPyramidNode
+from .stream import PaletteTimeline, SemanticDrawOptionsNode, StreamBatchLCMSampler
 
-NODES: list[type[io.ComfyNode]] = [RegionalPromptPalette, AddRegion, MaskPyramidNode, RCCAAttentionPatch]
+NODES: list[type[io.ComfyNode]] = [
+    RegionalPromptPalette, AddRegion, MaskPyramidNode, RCCAAttentionPatch,
+    StreamBatchLCMSampler, PaletteTimeline, SemanticDrawOptionsNode,
+]
 
 
 class RCCAExtension(ComfyExtension):

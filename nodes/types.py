@@ -5,5 +5,7 @@ from comfy_api.latest import io
 Regions = io.Custom("RCCA_REGIONS")  # tuple[RegionSpec, ...], a chain built by Add Region
 Palette = io.Custom("RCCA_PALETTE")  # rcca_core.Palette: encoded prompts + coverages
 MaskPyramid = io.Custom("RCCA_MASK_PYRAMID")  # rcca_core.MaskPyramid
+Timeline = io.Custom("RCCA_PALETTE_TIMELINE")  # tuple[(Palette, frames), ...], a drawing sequence
+SemanticDrawOptions = io.Custom("RCCA_SEMANTIC_DRAW_OPTIONS")  # rcca_core.semantic_draw.SemanticDrawOptions
 
 CATEGORY = "conditioning/rcca_palette"

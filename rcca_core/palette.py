@@ -156,6 +156,15 @@ class Palette:
         """How many latents the masks describe (1 = one set broadcast to every latent)."""
         return int(self._coverage.shape[0])
 
+    def frame(self, index: int) -> "Palette":
+        """The palette of latent `index` alone (one mask set); prompts and encodings are shared."""
+        if not 0 <= index < self.samples:
+            raise PaletteError(f"mask set {index} does not exist: this palette has {self.samples}")
+        if self.samples == 1:
+            return self
+        return Palette(self.width, self.height, self.background, self.background_context, self.regions,
+                       self._coverage[index:index + 1])
+
     def region_coverage(self) -> torch.Tensor:
         """(N, P, H, W) float32: strength * mask per region at canvas size."""
         return self._coverage

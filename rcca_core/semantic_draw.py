@@ -180,3 +180,40 @@ class SemanticDrawDenoiser:
                                        for r, (dy, dx) in enumerate(state.shifts[step])])
             out.append(pre_average(regions, x0_rows[first], masks))
         return torch.stack(out)
+
+
+class RowContexts:
+    """An attn2_patch (ComfyUI protocol) for SemanticDraw's rows: cond row i of every cond chunk
+    attends to transformer_options["rcca_row_contexts"][i] (None keeps its own context); uncond
+    rows keep theirs. Lengths that differ are repeated to their least common multiple, as
+    ComfyUI batches conditionings of different lengths."""
+
+    KEY = "rcca_row_contexts"
+
+    def __init__(self) -> None:
+        self._last: tuple | None = None
+
+    def __deepcopy__(self, memo):
+        return self  # stateless but for a per-call cache; shared across model clones
+
+    def attn2_patch(self, n, context, value, extra_options):
+        rows = extra_options.get(self.KEY)
+        if rows is None:
+            return n, context, value
+        if self._last is not None and self._last[0] is rows and self._last[1] is context:
+            return n, self._last[2], self._last[2]
+        cond_or_uncond = extra_options.get("cond_or_uncond") or [0]
+        per = context.shape[0] // len(cond_or_uncond)
+        if len(rows) != per:
+            raise PaletteError(f"SemanticDraw: {len(rows)} row contexts for {per} rows per chunk")
+        pieces = []
+        for c, kind in enumerate(cond_or_uncond):
+            own = context[c * per:(c + 1) * per]
+            if kind == 1:
+                pieces.extend(own.split(1))
+            else:
+                pieces.extend(own[i:i + 1] if r is None else r.to(own) for i, r in enumerate(rows))
+        length = math.lcm(*(p.shape[1] for p in pieces))
+        merged = torch.cat([p.repeat(1, length // p.shape[1], 1) for p in pieces])
+        self._last = (rows, context, merged)
+        return n, merged, merged
