@@ -254,7 +254,8 @@ class StreamBatchLCMSampler(io.ComfyNode):
         guider.set_cfg(cfg if cfg_mode == "full" else 1.0)
         rows = torch.zeros((rows_per_tick, channels, h, w))  # sizes ComfyUI's memory estimate for the widest tick
         sigma_t = torch.tensor(sigmas + [0.0])
-        guider.sample(rows, rows, comfy.samplers.KSAMPLER(stream_sampler), sigma_t, disable_pbar=True, seed=seed)
+        with torch.no_grad():  # ComfyUI runs nodes under inference mode; direct callers get the same
+            guider.sample(rows, rows, comfy.samplers.KSAMPLER(stream_sampler), sigma_t, disable_pbar=True, seed=seed)
 
         result = model.model.process_latent_out(out["frames"].float()).cpu()
         if decode == "latent2rgb" or (decode == "auto" and vae is None):

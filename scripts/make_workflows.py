@@ -50,11 +50,45 @@ def regions_graph(sampler: str, steps: int, cfg: float, scheduler: str) -> dict:
     }
 
 
+def stream_graph() -> dict:
+    """A short drawing sequence: the fox region grows in three strokes (2 frames each) over a meadow,
+    rendered by the Stream Batch LCM Sampler into 6 frames."""
+    g = {
+        "1": ("CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, (0, 0)),
+        "2": ("SolidMask", {"value": 0.0, "width": SIZE, "height": SIZE}, (0, 200)),
+        "20": ("CLIPTextEncode", {"clip": ["1", 1], "text": "blurry, low quality"}, (0, 900)),
+        "21": ("EmptyLatentImage", {"width": SIZE, "height": SIZE, "batch_size": 6}, (1400, 600)),
+        "22": ("RCCAStreamBatchLCMSampler", {
+            "model": ["1", 0], "positive": ["12", 1], "negative": ["20", 0], "latent_image": ["21", 0],
+            "timesteps": "0, 12, 24, 36", "schedule_steps": 50, "seed": 7, "region_mode": "rcca", "cfg_mode": "none",
+            "cfg": 1.5, "compile": "eager", "decode": "auto", "timeline": ["17", 0], "vae": ["1", 2]}, (1750, 100)),
+        "23": ("SaveImage", {"images": ["22", 1], "filename_prefix": "rcca_stream"}, (2150, 100)),
+    }
+    previous = None
+    for k, width in enumerate((SIZE // 4, SIZE // 2, 3 * SIZE // 4)):
+        y = 100 + 300 * k
+        stroke, mask, region, pal, step = (str(3 + k), str(6 + k), str(9 + k), str(12 + k), str(15 + k))
+        g[stroke] = ("SolidMask", {"value": 1.0, "width": width, "height": SIZE}, (0, 350 + 150 * k))
+        g[mask] = ("MaskComposite", {"destination": ["2", 0], "source": [stroke, 0], "x": 0, "y": 0, "operation": "add"}, (300, y))
+        g[region] = ("RCCAAddRegion", {"mask": [mask, 0], "prompt": "a red fox sitting in the grass", "strength": 1.0,
+                                      "negative": "", "name": "fox", "color": "#e6194b"}, (600, y))
+        g[pal] = ("RCCARegionalPromptPalette", {"clip": ["1", 1], "background": "a sunny meadow, detailed photograph",
+                                               "width": SIZE, "height": SIZE, "regions": [region, 0]}, (900, y))
+        inputs = {"palette": [pal, 0], "frames": 2}
+        if previous:
+            inputs["timeline"] = [previous, 0]
+        g[step] = ("RCCAPaletteTimeline", inputs, (1200, y))
+        previous = step
+    return dict(sorted(g.items(), key=lambda kv: int(kv[0])))
+
+
 WORKFLOWS = {
     # LCM: for LCM checkpoints or a model with an LCM-LoRA; 6 steps, low cfg
     "rcca_regions_lcm": regions_graph("lcm", 6, 1.5, "sgm_uniform"),
     # any SD1.5 checkpoint with a plain sampler
     "rcca_regions_euler": regions_graph("euler", 20, 7.0, "normal"),
+    # the stream: 6 frames of a drawing sequence, one model call per frame
+    "rcca_stream_drawing": stream_graph(),
 }
 
 

@@ -36,7 +36,7 @@ def ui_to_api(ui: dict, classes: dict) -> dict:
 
 
 def test_examples_exist():
-    assert {"rcca_regions_lcm", "rcca_regions_euler"} <= set(NAMES)
+    assert {"rcca_regions_lcm", "rcca_regions_euler", "rcca_stream_drawing"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -55,6 +55,6 @@ def test_api_workflow_runs(comfy_host, name):
             node["inputs"]["steps"] = min(node["inputs"]["steps"], 3)
     result = comfy_host.run_graph(api)
     saved = [img for out in result["outputs"].values() for img in out.get("images", [])]
-    assert saved and saved[0]["filename"].startswith("rcca_palette")
+    assert saved and saved[0]["filename"].startswith(("rcca_palette", "rcca_stream"))
     image = comfy_host.base / "output" / saved[0].get("subfolder", "") / saved[0]["filename"]
     assert image.stat().st_size > 0

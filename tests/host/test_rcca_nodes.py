@@ -50,7 +50,9 @@ def test_pack_nodes_are_registered_with_display_names(comfy_host):
     assert comfy_host.pack_loaded
     names = {k: nodes.NODE_DISPLAY_NAME_MAPPINGS.get(k) for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("RCCA")}
     assert names == {"RCCARegionalPromptPalette": "Regional Prompt Palette", "RCCAAddRegion": "Add Region",
-                     "RCCAMaskPyramid": "Mask Pyramid", "RCCAAttentionPatch": "RCCA Attention Patch"}
+                     "RCCAMaskPyramid": "Mask Pyramid", "RCCAAttentionPatch": "RCCA Attention Patch",
+                     "RCCAStreamBatchLCMSampler": "Stream Batch LCM Sampler", "RCCAPaletteTimeline": "Palette Timeline",
+                     "RCCASemanticDrawOptions": "SemanticDraw Options"}
 
 
 @pytest.mark.parametrize("cfg", [1.0, 2.5])

@@ -12,6 +12,11 @@ PACK_NODES = {
     "RCCAAddRegion": ("Add Region", {"mask", "prompt", "strength", "negative", "name", "color", "regions"}),
     "RCCAMaskPyramid": ("Mask Pyramid", {"palette", "mode", "latent", "levels"}),
     "RCCAAttentionPatch": ("RCCA Attention Patch", {"model", "palette", "pyramid", "mode", "start_percent", "end_percent", "blocks"}),
+    "RCCAStreamBatchLCMSampler": ("Stream Batch LCM Sampler", {
+        "model", "positive", "negative", "latent_image", "timesteps", "schedule_steps", "seed", "region_mode", "cfg_mode",
+        "cfg", "compile", "decode", "palette", "timeline", "vae", "semantic_draw"}),
+    "RCCAPaletteTimeline": ("Palette Timeline", {"palette", "frames", "timeline"}),
+    "RCCASemanticDrawOptions": ("SemanticDraw Options", {"bootstrap_steps", "mask_std", "mask_strength", "mask_type", "cover_alpha"}),
 }
 
 
@@ -37,6 +42,15 @@ def test_example_api_workflow_succeeds_over_http(comfy_server):
     assert images and images[0].name.startswith("rcca_palette") and images[0].stat().st_size > 0
 
 
+def test_stream_workflow_succeeds_over_http_with_one_image_per_frame(comfy_server):
+    prompt = json.loads((PACK / "example_workflows" / "api" / "rcca_stream_drawing.json").read_text())
+    prompt["1"]["inputs"]["ckpt_name"] = comfy_server.ckpt_name
+    entry = comfy_server.run(prompt, timeout=300)
+    images = comfy_server.outputs_images(entry)
+    assert len(images) == prompt["21"]["inputs"]["batch_size"] == 6
+    assert all(p.name.startswith("rcca_stream") and p.stat().st_size > 0 for p in images)
+
+
 def test_bad_palette_fails_with_the_packs_message(comfy_server):
     prompt = json.loads((PACK / "example_workflows" / "api" / "rcca_regions_lcm.json").read_text())
     prompt["1"]["inputs"]["ckpt_name"] = comfy_server.ckpt_name
@@ -54,4 +68,4 @@ def test_extension_javascript_is_served(comfy_server):
 
 def test_example_workflows_are_listed_as_templates(comfy_server):
     templates = comfy_server.get_json("/workflow_templates")
-    assert {"rcca_regions_lcm", "rcca_regions_euler"} <= set(templates.get("rcca-palette", []))
+    assert {"rcca_regions_lcm", "rcca_regions_euler", "rcca_stream_drawing"} <= set(templates.get("rcca-palette", []))
