@@ -245,7 +245,8 @@ class StreamBatchLCMSampler(io.ComfyNode):
                 return x0
 
             engine = StreamBatch(denoiser, sigmas, (channels, h, w), seed, initial_scale,
-                                 residual_cfg=cfg if cfg_mode == "self" else None, device=x.device, dtype=x.dtype)
+                                 residual_cfg=cfg if cfg_mode == "self" else None, device=x.device, dtype=x.dtype,
+                                 fixed_batch=compile == "torch.compile")
             out["frames"] = torch.stack(engine.render(conditions or [None] * frames))
             return x
 

@@ -89,11 +89,13 @@ class StreamBatch:
     initial_scale: the first draw is multiplied by it (ComfyUI: sqrt(1 + sigma_1^2) when sigma_1
     is the model's largest sigma, else sigma_1). residual_cfg: None, or StreamDiffusion's
     self-negative residual CFG scale (the slot's own noise is the virtual negative).
+    fixed_batch: always call the denoiser with S rows (warm-up and flush ticks repeat the last
+    slot and drop its copies), so a compiled model or a CUDA graph sees one shape only.
     """
 
     def __init__(self, denoiser: Denoiser, sigmas: Sequence[float], latent_shape: Sequence[int], seed: int = 0,
                  initial_scale: float | None = None, residual_cfg: float | None = None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, fixed_batch: bool = False) -> None:
         sigmas = [float(s) for s in sigmas]
         if not sigmas:
             raise PaletteError("a stream needs at least one timestep")
@@ -107,6 +109,7 @@ class StreamBatch:
         self.residual_cfg = residual_cfg
         self.device = torch.device(device)
         self.dtype = dtype
+        self.fixed_batch = fixed_batch
         self._slots: list[_Slot] = []
         self._next_frame = 0
         self._sigma_tensors: dict[tuple[int, ...], torch.Tensor] = {}
@@ -135,6 +138,8 @@ class StreamBatch:
         if not self._slots:
             return []
         slots = self._slots
+        if self.fixed_batch and len(slots) < self.depth:
+            slots = slots + [slots[-1]] * (self.depth - len(slots))
         steps = tuple(s.step for s in slots)
         sigmas = self._sigma_tensor(steps)
         batch = SlotBatch(
@@ -148,7 +153,7 @@ class StreamBatch:
         if self.residual_cfg is not None:
             x0 = self._residual_cfg(batch, x0)
         done, kept = [], []
-        for i, slot in enumerate(slots):
+        for i, slot in enumerate(self._slots):
             if slot.step == self.depth - 1:
                 done.append((slot.frame, x0[i]))
             else:

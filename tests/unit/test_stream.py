@@ -116,3 +116,13 @@ def test_lcm_schedules():
 def test_bad_schedules_are_refused(make, message):
     with pytest.raises(PaletteError, match=message):
         make()
+
+
+def test_fixed_batch_always_calls_with_s_rows_and_gives_the_same_frames():
+    conditions = [(1.0, 0.0), (0.5, 0.2), (2.0, -0.1)]
+    rec = Recorder()
+    fixed = StreamBatch(rec, SIGMAS, SHAPE, seed=2, fixed_batch=True).render(conditions)
+    plain = StreamBatch(Recorder(), SIGMAS, SHAPE, seed=2).render(conditions)
+    assert {len(c.steps) for c in rec.calls} == {len(SIGMAS)}
+    for a, b in zip(fixed, plain):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
