@@ -6,6 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from ..rcca_core.palette import MAX_REGIONS, Palette, RegionSpec, add_region
+from ..rcca_core.palette_state import decode_state
 from . import types
 
 
@@ -42,6 +43,14 @@ class AddRegion(io.ComfyNode):
         return io.NodeOutput(add_region(regions or (), spec))
 
 
+def add_regions(drawn, chained) -> tuple:
+    """Drawn regions first (named and coloured by the widget), then the chain from Add Region."""
+    out = ()
+    for spec in tuple(drawn) + tuple(chained):
+        out = add_region(out, spec)
+    return out
+
+
 class RegionalPromptPalette(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -58,6 +67,9 @@ class RegionalPromptPalette(io.ComfyNode):
                 io.Int.Input("width", default=512, min=64, max=16384, step=8, tooltip="Canvas width in pixels (the image width)."),
                 io.Int.Input("height", default=512, min=64, max=16384, step=8, tooltip="Canvas height in pixels (the image height)."),
                 types.Regions.Input("regions", optional=True, tooltip="A chain of Add Region nodes."),
+                io.String.Input("regions_state", default="", optional=True,
+                                tooltip="Regions drawn on this node's canvas (JSON with PNG masks, kept by the drawing "
+                                        "widget); they come before the regions input."),
             ],
             outputs=[
                 types.Palette.Output(display_name="palette"),
@@ -67,7 +79,9 @@ class RegionalPromptPalette(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, clip, background, width, height, regions=None) -> io.NodeOutput:
+    def execute(cls, clip, background, width, height, regions=None, regions_state="") -> io.NodeOutput:
+        _, _, drawn = decode_state(regions_state)  # validated before any encoding work
+        specs = add_regions(drawn, regions or ())
         if clip is None:
             raise RuntimeError("ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader node "
                                "your checkpoint does not contain a valid clip or text encoder model.")
@@ -78,5 +92,5 @@ class RegionalPromptPalette(io.ComfyNode):
                 return background_cond[0][0]
             return clip.encode_from_tokens(clip.tokenize(text))
 
-        palette = Palette.build(regions or (), background, width, height, encode)
+        palette = Palette.build(specs, background, width, height, encode)
         return io.NodeOutput(palette, background_cond, palette.coverage_with_background()[0])

@@ -92,8 +92,18 @@ WORKFLOWS = {
 }
 
 
-def to_api(graph: dict) -> dict:
-    return {nid: {"class_type": ctype, "inputs": dict(inputs)} for nid, (ctype, inputs, _) in graph.items()}
+def to_api(graph: dict, classes: dict) -> dict:
+    """What the frontend's graphToPrompt exports: given inputs, plus every widget at its default."""
+    api = {}
+    for nid, (ctype, inputs, _) in graph.items():
+        full = {}
+        for name, typ, opts in input_specs(classes[ctype]):
+            if name in inputs:
+                full[name] = inputs[name]
+            elif typ in WIDGET_TYPES and "default" in opts:
+                full[name] = opts["default"]
+        api[nid] = {"class_type": ctype, "inputs": full}
+    return api
 
 
 def input_specs(node_class) -> list[tuple[str, str, dict]]:
@@ -162,7 +172,7 @@ def main() -> None:
     (OUT / "api").mkdir(parents=True, exist_ok=True)
     for name, graph in WORKFLOWS.items():
         (OUT / f"{name}.json").write_text(json.dumps(to_ui(graph, classes), indent=1) + "\n")
-        (OUT / "api" / f"{name}.json").write_text(json.dumps(to_api(graph), indent=1) + "\n")
+        (OUT / "api" / f"{name}.json").write_text(json.dumps(to_api(graph, classes), indent=1) + "\n")
         print(f"wrote example_workflows/{name}.json and example_workflows/api/{name}.json")
 
 

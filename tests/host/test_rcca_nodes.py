@@ -206,3 +206,20 @@ def test_bad_masks_and_models_are_refused(comfy_host):
     model, _, _ = comfy_host.load_tiny()
     with pytest.raises(ValueError, match="cannot read 'encoder'"):
         patch(comfy_host, model, palette, blocks="encoder")
+
+
+def test_drawn_regions_state_joins_the_palette_before_chained_regions(comfy_host):
+    state_mod = comfy_host.pack_module("rcca_core.palette_state")
+    palette_mod = comfy_host.pack_module("rcca_core.palette")
+    left, right = halves()
+    drawn = state_mod.encode_state([palette_mod.RegionSpec("a red fox", left[0], strength=0.5, name="fox", color="#e6194b")],
+                                   SIZE, SIZE)
+    _, clip, _ = comfy_host.load_tiny()
+    chain = node(comfy_host, "RCCAAddRegion").execute(right, "a blue car", 1.0).result[0]
+    palette, _, coverage = node(comfy_host, "RCCARegionalPromptPalette").execute(
+        clip, "a meadow", SIZE, SIZE, chain, regions_state=drawn).result
+    assert [r.spec.prompt for r in palette.regions] == ["a red fox", "a blue car"]
+    assert [r.spec.name for r in palette.regions] == ["fox", "region 1"]  # each keeps the label its node gave
+    torch.testing.assert_close(coverage[1], left[0] * 0.5, atol=1 / 255, rtol=0)
+    with pytest.raises(ValueError, match="regions_state is not valid JSON"):
+        node(comfy_host, "RCCARegionalPromptPalette").execute(clip, "a meadow", SIZE, SIZE, chain, regions_state="{")

@@ -8,7 +8,7 @@ from comfy_server import ComfyServerError
 
 PACK = Path(__file__).resolve().parents[2]
 PACK_NODES = {
-    "RCCARegionalPromptPalette": ("Regional Prompt Palette", {"clip", "background", "width", "height", "regions"}),
+    "RCCARegionalPromptPalette": ("Regional Prompt Palette", {"clip", "background", "width", "height", "regions", "regions_state"}),
     "RCCAAddRegion": ("Add Region", {"mask", "prompt", "strength", "negative", "name", "color", "regions"}),
     "RCCAMaskPyramid": ("Mask Pyramid", {"palette", "mode", "latent", "levels"}),
     "RCCAAttentionPatch": ("RCCA Attention Patch", {"model", "palette", "pyramid", "mode", "start_percent", "end_percent", "blocks"}),
