@@ -68,7 +68,7 @@ def plain_lcm(host, model, positive, negative, cfg, seed, frame, sigmas, steps):
 
 
 def sigmas_of(host, model):
-    return host.pack_module("nodes.stream").stream_sigmas(model, TIMESTEPS, 50)[0]
+    return host.pack_module("nodes.stream_runtime").stream_sigmas(model, TIMESTEPS, 50)[0]
 
 
 @pytest.mark.parametrize("cfg_mode", ["none", "full"])

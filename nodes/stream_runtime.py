@@ -1,0 +1,241 @@
+"""ComfyUI glue for rcca_core.stream, shared by the Stream Batch LCM Sampler and Live Stream.
+
+`StreamRuntime` validates the settings, prepares a model clone for the region mode (RCCA hooks,
+SemanticDraw's row contexts, or neither; optionally compiled) and runs a body inside ComfyUI's
+own sampling machinery: a CFGGuider with a custom sampler function, so model loading,
+conditioning, CFG and other packs' model patches work as with KSampler. Per-slot palette states
+travel in transformer_options. The engine outlives a run, so a live session can pause (leave
+the sampler, letting ComfyUI run queued prompts) and resume with its frames in flight.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..rcca_core.attention import RegionalCrossAttention, cross_attention_layers
+from ..rcca_core.palette import PaletteError
+from ..rcca_core.semantic_draw import RowContexts, SemanticDrawDenoiser, SemanticDrawOptions, SemanticDrawState
+from ..rcca_core.stream import SlotBatch, StreamBatch, lcm_timesteps, parse_indices
+from .attention_patch import check_supported
+
+REGION_MODES = ("rcca", "semantic_draw", "none")
+CFG_MODES = ("none", "self", "full")
+DECODES = ("auto", "vae", "latent2rgb")
+COMPILE_MODES = ("eager", "torch.compile")
+
+
+def frame_palettes(palette, timeline, frames: int) -> list:
+    """One palette state (one mask set) per output frame. Rule: more states than frames is an
+    error; with fewer, the last state holds for the remaining frames."""
+    if palette is not None and timeline is not None:
+        raise PaletteError("connect either a palette (its mask batch gives one state per frame) or a timeline, not both")
+    if timeline is not None:
+        states = [p.frame(i) for p, hold in timeline for i in range(p.samples) for _ in range(hold)]
+    elif palette is not None:
+        states = [palette.frame(i) for i in range(palette.samples)]
+    else:
+        return []
+    if len(states) > frames:
+        raise PaletteError(f"the drawing has {len(states)} palette states but the latent batch asks for {frames} frames; "
+                           "use an empty latent with a batch size of at least the number of states")
+    return states + [states[-1]] * (frames - len(states))
+
+
+def same_state(a, b) -> bool:
+    """Consecutive frames that draw the same thing share one prepared state (and its caches)."""
+    return a is b or (a.regions is b.regions and torch.equal(a.region_coverage(), b.region_coverage()))
+
+
+def stream_sigmas(model, indices_text: str, schedule_steps: int) -> tuple[list[float], float]:
+    """Sigmas of the timestep list, and the first noise's scale as ComfyUI's samplers choose it."""
+    sampling = model.get_model_object("model_sampling")
+    timesteps = lcm_timesteps(parse_indices(indices_text), schedule_steps)
+    sigmas = [float(sampling.sigma(torch.tensor(float(t)))) for t in timesteps]
+    sigma_max = float(sampling.sigma_max)
+    first = sigmas[0]
+    max_denoise = math.isclose(sigma_max, first, rel_tol=1e-05) or first > sigma_max
+    return sigmas, math.sqrt(1.0 + first ** 2) if max_denoise else first
+
+
+def latent2rgb(model, samples: torch.Tensor, scale: int = 8) -> torch.Tensor:
+    """ComfyUI's linear latent -> RGB preview approximation, upscaled to image size: (F, H, W, 3)."""
+    fmt = model.model.latent_format
+    factors = torch.tensor(fmt.latent_rgb_factors, dtype=torch.float32)
+    rgb = torch.einsum("fchw,cr->fhwr", samples.float(), factors)
+    if fmt.latent_rgb_factors_bias is not None:
+        rgb = rgb + torch.tensor(fmt.latent_rgb_factors_bias, dtype=torch.float32)
+    rgb = torch.nn.functional.interpolate(rgb.movedim(-1, 1), scale_factor=scale, mode="bilinear", align_corners=False)
+    return ((rgb.movedim(1, -1) + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def _without_rcca(m, rcca: RegionalCrossAttention) -> None:
+    to = m.model_options["transformer_options"]
+    for name in ("attn1_patch", "attn2_patch"):
+        to["patches"][name] = [p for p in to["patches"][name] if getattr(p, "__self__", None) is not rcca]
+    if rcca.previous_override is not None:
+        to["optimized_attention_override"] = rcca.previous_override
+    else:
+        to.pop("optimized_attention_override", None)
+
+
+class StreamRuntime:
+    def __init__(self, model, positive, negative, latent_shape: Sequence[int], timesteps: str, schedule_steps: int,
+                 seed: int, region_mode: str, cfg_mode: str, cfg: float, compile: str, decode: str,
+                 states: Sequence, vae=None, semantic_draw: SemanticDrawOptions | None = None) -> None:
+        import comfy.samplers
+
+        check_supported(model)
+        channels, h, w = (int(v) for v in latent_shape)
+        if channels != model.model.latent_format.latent_channels:
+            raise PaletteError(f"the latent has {channels} channels but this model uses "
+                               f"{model.model.latent_format.latent_channels}; use an empty latent for this model")
+        if decode == "vae" and vae is None:
+            raise PaletteError("decode is 'vae' but no VAE is connected; connect one (a TAESD VAE is fastest) or use 'auto'")
+        if region_mode != "none" and not states:
+            raise PaletteError(f"region mode '{region_mode}' needs a palette or a timeline; use region mode 'none' for the prompt alone")
+        for state in states[:1]:
+            canvas = state.height / state.width
+            if abs(h - w * canvas) > 1 + canvas:
+                raise PaletteError(f"the latent ({w * 8} x {h * 8} px) does not have the palette canvas's aspect ratio "
+                                   f"({state.width} x {state.height})")
+        self.model = model
+        self.latent_shape = (channels, h, w)
+        self.sigmas, self.initial_scale = stream_sigmas(model, timesteps, schedule_steps)
+        self.seed = seed
+        self.region_mode = region_mode
+        self.cfg_mode, self.cfg = cfg_mode, cfg
+        self.compiled = compile == "torch.compile"
+        self.decode_mode = decode
+        self.vae = vae
+        self.semantic_draw = semantic_draw or SemanticDrawOptions()
+        self.patched, self.rcca = self._prepare_model(states[0] if states else None)
+        self.guider = comfy.samplers.CFGGuider(self.patched)
+        self.guider.set_conds(positive, negative)
+        self.guider.set_cfg(cfg if cfg_mode == "full" else 1.0)
+        widest = 1 + max((len(s.regions) for s in states), default=0) if region_mode == "semantic_draw" else 1
+        self._rows = len(self.sigmas) * widest  # sizes ComfyUI's memory estimate for the widest tick
+        self._call: Callable | None = None
+        self._semantic_draw: SemanticDrawDenoiser | None = None
+        self._on_tick: Callable | None = None
+        self.engine: StreamBatch | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self.sigmas)
+
+    def _prepare_model(self, first_state):
+        m = self.model.clone()
+        rcca = RegionalCrossAttention.installed_in(m.model_options)
+        if self.region_mode != "rcca" and rcca is not None:
+            _without_rcca(m, rcca)
+            rcca = None
+        if self.region_mode == "rcca" and rcca is None:
+            previous = m.model_options.get("transformer_options", {}).get("optimized_attention_override")
+            rcca = RegionalCrossAttention(first_state, cross_attention_layers(m.get_model_object("diffusion_model")),
+                                          previous_override=previous)
+            rcca.install(m.model_options)
+        if self.region_mode == "semantic_draw":
+            m.set_model_attn2_patch(RowContexts().attn2_patch)
+        if self.compiled:
+            from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+            cuda = m.load_device.type == "cuda"
+            set_torch_compile_wrapper(m, backend="inductor", mode="reduce-overhead" if cuda else None, dynamic=False)
+        return m, rcca
+
+    def condition(self, state) -> Any:
+        """A palette state prepared for the region mode (None in mode 'none')."""
+        if self.region_mode == "rcca":
+            return self.rcca.prepare(state)
+        if self.region_mode == "semantic_draw":
+            return SemanticDrawState(state, self.latent_shape[1:], self.sigmas, self.semantic_draw)
+        return None
+
+    def conditions(self, states: Sequence) -> list:
+        """One prepared condition per frame; consecutive equal states share one object and its caches."""
+        out, previous = [], None
+        for state in states:
+            if previous is not None and same_state(previous, state):
+                out.append(out[-1])
+                continue
+            out.append(self.condition(state))
+            previous = state
+        return out
+
+    def preview(self, ticks: int) -> Callable[[int, torch.Tensor, torch.Tensor], None]:
+        """ComfyUI's progress bar and latent previews, one step per tick."""
+        import latent_preview
+
+        callback = latent_preview.prepare_callback(self.patched, ticks)
+        return lambda tick, x0, x: callback(min(tick, ticks - 1), x0, x, ticks)
+
+    def _denoise(self, batch: SlotBatch) -> torch.Tensor:
+        if self._call is None:
+            raise RuntimeError("the stream ticked outside StreamRuntime.run()")
+        if self.region_mode == "semantic_draw":
+            x0 = self._semantic_draw(batch)
+        elif self.region_mode == "rcca":
+            x0 = self._call(batch.x, batch.sigmas, {RegionalCrossAttention.ROWS_KEY: batch.conditions})
+        else:
+            x0 = self._call(batch.x, batch.sigmas, {})
+        if self._on_tick is not None:
+            self._on_tick(self._ticks, x0[:1], batch.x[:1])
+        self._ticks += 1
+        return x0
+
+    def run(self, body: Callable[[StreamBatch], None], on_tick: Callable | None = None) -> None:
+        """body(engine) inside ComfyUI's sampling context: models loaded, conditioning processed."""
+        import comfy.model_management
+        import comfy.samplers
+
+        def sampler(model_k, x, sigmas_t, extra_args=None, callback=None, disable=None):
+            extra_args = extra_args or {}
+            base = extra_args.get("model_options", {})
+
+            def call(x_rows, sigma_rows, transformer_extra):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                options = dict(base)
+                options["transformer_options"] = {**base.get("transformer_options", {}), **transformer_extra}
+                return model_k(x_rows, sigma_rows, denoise_mask=None, model_options=options, seed=extra_args.get("seed"))
+
+            if self.engine is None:
+                self.engine = StreamBatch(self._denoise, self.sigmas, self.latent_shape, self.seed, self.initial_scale,
+                                          residual_cfg=self.cfg if self.cfg_mode == "self" else None,
+                                          device=x.device, dtype=x.dtype, fixed_batch=self.compiled)
+                if self.region_mode == "semantic_draw":
+                    fill = self._white_latent().to(x) if self.vae is not None else None
+                    self._semantic_draw = SemanticDrawDenoiser(
+                        lambda xs, ss, ctx: self._call(xs, ss, {RowContexts.KEY: tuple(ctx)}), self.semantic_draw, fill)
+            self._call, self._on_tick, self._ticks = call, on_tick, 0
+            try:
+                body(self.engine)
+            finally:
+                self._call = None
+            return x
+
+        rows = torch.zeros((self._rows, *self.latent_shape))
+        with torch.no_grad():  # ComfyUI runs nodes under inference mode; other threads and direct callers get the same
+            self.guider.sample(rows, rows, comfy.samplers.KSAMPLER(sampler), torch.tensor(self.sigmas + [0.0]),
+                               disable_pbar=True, seed=self.seed)
+
+    def latent_out(self, x0: torch.Tensor) -> torch.Tensor:
+        """Model-space x0 -> a LATENT tensor (the VAE's scale), on the CPU."""
+        return self.model.model.process_latent_out(x0.float()).cpu()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """LATENT frames -> IMAGE (F, H, W, 3) with the VAE, or latent2rgb."""
+        if self.decode_mode == "latent2rgb" or (self.decode_mode == "auto" and self.vae is None):
+            return latent2rgb(self.model, latents)
+        images = self.vae.decode(latents)
+        if images.ndim == 5:  # video VAEs return (B, T, H, W, C)
+            images = images.reshape(-1, *images.shape[-3:])
+        return images
+
+    def _white_latent(self) -> torch.Tensor:
+        """SemanticDraw's bootstrap fill: a white image, encoded, in the model's latent space."""
+        h, w = self.latent_shape[1:]
+        latent = self.vae.encode(torch.ones((1, h * 8, w * 8, 3)))
+        return self.model.model.process_latent_in(latent)[0]

@@ -1,0 +1,136 @@
+"""Live drawing sessions: the bookkeeping around a stream that runs while the user paints.
+
+A session belongs to one client. Edits arrive from the web server's thread and are taken by
+the stream's worker thread: only the latest palette state matters, so a new edit replaces a
+pending one (memory stays bounded however fast the user draws) and gets the next sequence
+number; frames carry the sequence number of the state they were rendered with, which is how
+the client sees when an edit reached the screen. A session stops on request, when its client
+disconnects, after an idle timeout without edits, or on an error.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class LiveSession:
+    def __init__(self, client_id: str, idle_timeout: float = 120.0, clock: Callable[[], float] = time.monotonic,
+                 info: dict | None = None) -> None:
+        self.id = secrets.token_hex(16)
+        self.client_id = client_id
+        self.idle_timeout = float(idle_timeout)
+        self.info = dict(info or {})
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending: tuple[int, Any] | None = None
+        self._seq = 0
+        self._last_activity = clock()
+        self._stop_reason: str | None = None
+        self._frame_times: deque[float] = deque(maxlen=30)
+        self.frames = 0
+        self.state = "starting"
+
+    # -- edits (web server thread) ----------------------------------------------------------
+    def edit(self, payload: Any) -> int:
+        """Queue a new palette state; a pending one is replaced. Returns its sequence number."""
+        with self._lock:
+            if self._stop_reason is not None:
+                raise RuntimeError(f"session stopped ({self._stop_reason})")
+            self._seq += 1
+            self._pending = (self._seq, payload)
+            self._last_activity = self._clock()
+            return self._seq
+
+    def touch(self) -> None:
+        with self._lock:
+            self._last_activity = self._clock()
+
+    # -- worker thread ------------------------------------------------------------------
+    def take_edit(self) -> tuple[int, Any] | None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+            return pending
+
+    def frame_done(self) -> float:
+        """Count a frame; returns frames/s over the last 30 frames."""
+        now = self._clock()
+        with self._lock:
+            self.frames += 1
+            self._frame_times.append(now)
+            return self._fps()
+
+    def _fps(self) -> float:
+        if len(self._frame_times) < 2:
+            return 0.0
+        span = self._frame_times[-1] - self._frame_times[0]
+        return (len(self._frame_times) - 1) / span if span > 0 else 0.0
+
+    @property
+    def fps(self) -> float:
+        with self._lock:
+            return self._fps()
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    def idle(self) -> bool:
+        with self._lock:
+            return self._clock() - self._last_activity > self.idle_timeout
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def stop(self, reason: str) -> None:
+        with self._lock:
+            if self._stop_reason is None:
+                self._stop_reason = reason
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop_reason is not None
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._stop_reason
+
+    def status(self) -> dict:
+        return {"session": self.id, "state": "stopped" if self.stopped else self.state, "reason": self._stop_reason,
+                "frames": self.frames, "fps": round(self.fps, 2), "seq": self._seq, **self.info}
+
+
+class LiveRegistry:
+    """Sessions by id; one per client: a client starting a new session stops its old one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sessions: dict[str, LiveSession] = {}
+
+    def start(self, session: LiveSession) -> None:
+        with self._lock:
+            for old in [s for s in self._sessions.values() if s.client_id == session.client_id]:
+                old.stop("replaced by a new session")
+                del self._sessions[old.id]
+            self._sessions[session.id] = session
+
+    def get(self, session_id: str) -> LiveSession | None:
+        with self._lock:
+            return self._sessions.get(session_id)
+
+    def remove(self, session: LiveSession) -> None:
+        with self._lock:
+            if self._sessions.get(session.id) is session:
+                del self._sessions[session.id]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def of_client(self, client_id: str) -> list[LiveSession]:
+        with self._lock:
+            return [s for s in self._sessions.values() if s.client_id == client_id]
