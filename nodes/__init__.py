@@ -3,14 +3,17 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .attention_patch import RCCAAttentionPatch
+from .live import LiveStream, register_routes
 from .palette import AddRegion, RegionalPromptPalette
 from .pyramid import MaskPyramidNode
 from .stream import PaletteTimeline, SemanticDrawOptionsNode, StreamBatchLCMSampler
 
 NODES: list[type[io.ComfyNode]] = [
     RegionalPromptPalette, AddRegion, MaskPyramidNode, RCCAAttentionPatch,
-    StreamBatchLCMSampler, PaletteTimeline, SemanticDrawOptionsNode,
+    StreamBatchLCMSampler, PaletteTimeline, SemanticDrawOptionsNode, LiveStream,
 ]
+
+register_routes()
 
 
 class RCCAExtension(ComfyExtension):

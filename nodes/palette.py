@@ -92,5 +92,5 @@ class RegionalPromptPalette(io.ComfyNode):
                 return background_cond[0][0]
             return clip.encode_from_tokens(clip.tokenize(text))
 
-        palette = Palette.build(specs, background, width, height, encode)
+        palette = Palette.build(specs, background, width, height, encode, drawn=len(drawn))
         return io.NodeOutput(palette, background_cond, palette.coverage_with_background()[0])

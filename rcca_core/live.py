@@ -134,3 +134,63 @@ class LiveRegistry:
     def of_client(self, client_id: str) -> list[LiveSession]:
         with self._lock:
             return [s for s in self._sessions.values() if s.client_id == client_id]
+
+
+class DeviceGate:
+    """Keeps live workers and ComfyUI's prompt executor off the model at the same time.
+
+    ComfyUI's samplers keep per-model run state (the model's current patcher, loaded weights), so
+    two samplings of one model must never overlap. One worker at a time is inside (sessions of
+    several clients take turns: a worker leaves when `others_waiting`); it leaves between ticks
+    when asked. `hold_off` (called when a prompt arrives, before it is queued) asks the worker to
+    leave, waits until none is inside, and keeps workers out for a grace period, by which time
+    the queue is busy and the workers wait for it anyway.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._cond = threading.Condition()
+        self._inside: str | None = None
+        self._last: str | None = None
+        self._waiting: set[str] = set()
+        self._closed_until = 0.0
+        self._clock = clock
+
+    def try_enter(self, who: str) -> bool:
+        with self._cond:
+            if self._clock() < self._closed_until:
+                return False
+            if self._inside is not None or (who == self._last and self._waiting - {who}):
+                self._waiting.add(who)  # taking turns: whoever just left lets a waiting worker in first
+                return False
+            self._inside = self._last = who
+            self._waiting.discard(who)
+            return True
+
+    def leave(self, who: str) -> None:
+        with self._cond:
+            if self._inside == who:
+                self._inside = None
+            self._cond.notify_all()
+
+    def forget(self, who: str) -> None:
+        """A stopped worker no longer waits for a turn."""
+        with self._cond:
+            self._waiting.discard(who)
+
+    def asked_to_leave(self) -> bool:
+        return self._clock() < self._closed_until
+
+    def others_waiting(self) -> bool:
+        with self._cond:
+            return bool(self._waiting)
+
+    def hold_off(self, grace: float = 2.0, timeout: float = 30.0) -> bool:
+        """Close the gate for `grace` seconds and wait until no worker is inside; False on timeout."""
+        with self._cond:
+            self._closed_until = max(self._closed_until, self._clock() + grace)
+            return self._cond.wait_for(lambda: self._inside is None, timeout)
+
+    @property
+    def inside(self) -> str | None:
+        with self._cond:
+            return self._inside

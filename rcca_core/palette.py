@@ -117,9 +117,11 @@ class Palette:
     background_context: torch.Tensor
     regions: tuple[Region, ...]
     _coverage: torch.Tensor = field(repr=False, default=None)
+    drawn: int = 0  # how many leading regions came from the drawing widget (live edits replace those)
 
     @classmethod
-    def build(cls, specs: Sequence[RegionSpec], background: str, width: int, height: int, encode: Encoder) -> "Palette":
+    def build(cls, specs: Sequence[RegionSpec], background: str, width: int, height: int, encode: Encoder,
+              drawn: int = 0) -> "Palette":
         """Validate everything first (cheap), then encode every prompt once."""
         if not isinstance(width, int) or not isinstance(height, int) or width < 8 or height < 8:
             raise PaletteError(f"canvas size must be whole pixels >= 8, got {width} x {height}")
@@ -145,7 +147,7 @@ class Palette:
             if ctx.shape[-1] != background_context.shape[-1]:
                 raise PaletteError("prompts encoded to different widths; use one CLIP for the whole palette")
             regions.append(Region(spec, ctx, neg))
-        return cls(width, height, background, background_context, tuple(regions), stacked.contiguous())
+        return cls(width, height, background, background_context, tuple(regions), stacked.contiguous(), drawn)
 
     @property
     def context_dim(self) -> int:
@@ -163,7 +165,7 @@ class Palette:
         if self.samples == 1:
             return self
         return Palette(self.width, self.height, self.background, self.background_context, self.regions,
-                       self._coverage[index:index + 1])
+                       self._coverage[index:index + 1], self.drawn)
 
     def region_coverage(self) -> torch.Tensor:
         """(N, P, H, W) float32: strength * mask per region at canvas size."""

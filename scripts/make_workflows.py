@@ -82,6 +82,34 @@ def stream_graph() -> dict:
     return dict(sorted(g.items(), key=lambda kv: int(kv[0])))
 
 
+def live_graph(regions_state: str) -> dict:
+    """Opens ready to paint: a palette whose canvas has two regions (prompts set, nothing painted
+    yet) feeding Live Stream, which shows the first frame and then streams to the widget."""
+    return {
+        "1": ("CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, (0, 0)),
+        "2": ("RCCARegionalPromptPalette", {"clip": ["1", 1], "background": "a sunny meadow, detailed photograph",
+                                            "width": SIZE, "height": SIZE, "regions_state": regions_state}, (350, 0)),
+        "3": ("CLIPTextEncode", {"clip": ["1", 1], "text": "blurry, low quality"}, (350, 700)),
+        "4": ("RCCALiveStream", {"model": ["1", 0], "clip": ["1", 1], "positive": ["2", 1], "negative": ["3", 0],
+                                 "palette": ["2", 0], "vae": ["1", 2], "timesteps": "0, 12, 24, 36", "schedule_steps": 50,
+                                 "seed": 7, "region_mode": "rcca", "cfg_mode": "none", "cfg": 1.5, "decode": "auto",
+                                 "idle_timeout": 120.0, "jpeg_quality": 80}, (1100, 0)),
+        "5": ("PreviewImage", {"images": ["4", 0]}, (1500, 0)),
+    }
+
+
+def blank_drawing(classes: dict) -> str:
+    """The live workflow's initial widget state: two named regions with prompts and empty masks."""
+    state = next(m for k, m in sys.modules.items() if k.endswith("rcca-palette.rcca_core.palette_state"))
+    palette = next(m for k, m in sys.modules.items() if k.endswith("rcca-palette.rcca_core.palette"))
+    import torch
+
+    blank = torch.zeros(SIZE, SIZE)
+    regions = [palette.RegionSpec("a red fox sitting in the grass", blank, name="fox", color="#e6194b"),
+               palette.RegionSpec("a blue vintage car", blank, name="car", color="#4363d8")]
+    return state.encode_state(regions, SIZE, SIZE)
+
+
 WORKFLOWS = {
     # LCM: for LCM checkpoints or a model with an LCM-LoRA; 6 steps, low cfg
     "rcca_regions_lcm": regions_graph("lcm", 6, 1.5, "sgm_uniform"),
@@ -170,7 +198,8 @@ def load_node_classes() -> dict:
 def main() -> None:
     classes = load_node_classes()
     (OUT / "api").mkdir(parents=True, exist_ok=True)
-    for name, graph in WORKFLOWS.items():
+    workflows = dict(WORKFLOWS, rcca_live_drawing=live_graph(blank_drawing(classes)))
+    for name, graph in workflows.items():
         (OUT / f"{name}.json").write_text(json.dumps(to_ui(graph, classes), indent=1) + "\n")
         (OUT / "api" / f"{name}.json").write_text(json.dumps(to_api(graph, classes), indent=1) + "\n")
         print(f"wrote example_workflows/{name}.json and example_workflows/api/{name}.json")

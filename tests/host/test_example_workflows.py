@@ -8,6 +8,7 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
 NAMES = sorted(p.stem for p in EXAMPLES.glob("*.json"))
+IN_PROCESS = [n for n in NAMES if n != "rcca_live_drawing"]  # live streams to a browser: tests/server runs it
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
@@ -36,7 +37,7 @@ def ui_to_api(ui: dict, classes: dict) -> dict:
 
 
 def test_examples_exist():
-    assert {"rcca_regions_lcm", "rcca_regions_euler", "rcca_stream_drawing"} <= set(NAMES)
+    assert {"rcca_regions_lcm", "rcca_regions_euler", "rcca_stream_drawing", "rcca_live_drawing"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -46,7 +47,7 @@ def test_ui_workflow_matches_its_api_twin(comfy_host, name):
     assert ui_to_api(ui, comfy_host.nodes.NODE_CLASS_MAPPINGS) == api
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", IN_PROCESS)
 def test_api_workflow_runs(comfy_host, name):
     api = json.loads((EXAMPLES / "api" / f"{name}.json").read_text())
     api["1"]["inputs"]["ckpt_name"] = comfy_host.ckpt_name
