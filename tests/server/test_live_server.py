@@ -7,7 +7,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from ws_client import WsClient
+from comfy_ws import WsClient
 
 PACK = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(PACK))  # rcca_core only (pure torch): builds widget states like the browser does

@@ -1,4 +1,4 @@
-"""A ComfyUI websocket client for tests: collects every JSON message in a background thread."""
+"""A ComfyUI websocket client (tests, benchmarks): collects every JSON message in a background thread."""
 
 from __future__ import annotations
 
@@ -35,8 +35,11 @@ class WsClient:
     async def _read(self, ws) -> None:
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.TEXT:
+                message = msg.json()
+                if isinstance(message.get("data"), dict):
+                    message["data"]["_received"] = time.monotonic()  # latency as a browser would see it
                 with self._lock:
-                    self.messages.append(msg.json())
+                    self.messages.append(message)
 
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._closed.set)
