@@ -88,8 +88,8 @@ def live_graph(regions_state: str) -> dict:
     return {
         "1": ("CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, (0, 0)),
         "2": ("RCCARegionalPromptPalette", {"clip": ["1", 1], "background": "a sunny meadow, detailed photograph",
-                                            "width": SIZE, "height": SIZE, "regions_state": regions_state}, (350, 0)),
-        "3": ("CLIPTextEncode", {"clip": ["1", 1], "text": "blurry, low quality"}, (350, 700)),
+                                            "width": SIZE, "height": SIZE, "regions_state": regions_state}, (350, 0), (640, 820)),
+        "3": ("CLIPTextEncode", {"clip": ["1", 1], "text": "blurry, low quality"}, (0, 300)),
         "4": ("RCCALiveStream", {"model": ["1", 0], "clip": ["1", 1], "positive": ["2", 1], "negative": ["3", 0],
                                  "palette": ["2", 0], "vae": ["1", 2], "timesteps": "0, 12, 24, 36", "schedule_steps": 50,
                                  "seed": 7, "region_mode": "rcca", "cfg_mode": "none", "cfg": 1.5, "decode": "auto",
@@ -123,7 +123,7 @@ WORKFLOWS = {
 def to_api(graph: dict, classes: dict) -> dict:
     """What the frontend's graphToPrompt exports: given inputs, plus every widget at its default."""
     api = {}
-    for nid, (ctype, inputs, _) in graph.items():
+    for nid, (ctype, inputs, *_) in graph.items():
         full = {}
         for name, typ, opts in input_specs(classes[ctype]):
             if name in inputs:
@@ -148,12 +148,12 @@ def input_specs(node_class) -> list[tuple[str, str, dict]]:
 def to_ui(graph: dict, classes: dict) -> dict:
     links, nodes = [], []
     out_links: dict[tuple[str, int], list[int]] = {}
-    for nid, (ctype, inputs, _) in graph.items():
+    for nid, (ctype, inputs, *_) in graph.items():
         for name, value in inputs.items():
             if isinstance(value, list):
                 links.append([len(links) + 1, int(value[0]), value[1], int(nid), name])
                 out_links.setdefault((value[0], value[1]), []).append(len(links))
-    for order, (nid, (ctype, inputs, pos)) in enumerate(graph.items()):
+    for order, (nid, (ctype, inputs, pos, *size)) in enumerate(graph.items()):
         cls = classes[ctype]
         sockets, widgets = [], []
         for name, typ, opts in input_specs(cls):
@@ -169,7 +169,7 @@ def to_ui(graph: dict, classes: dict) -> dict:
         out_names = list(getattr(cls, "RETURN_NAMES", None) or out_types)
         outputs = [{"name": out_names[i], "type": t, "links": out_links.get((nid, i), []), "slot_index": i}
                    for i, t in enumerate(out_types)]
-        nodes.append({"id": int(nid), "type": ctype, "pos": list(pos), "size": [300, 120 + 26 * len(widgets)],
+        nodes.append({"id": int(nid), "type": ctype, "pos": list(pos), "size": list(size[0]) if size else [300, 120 + 26 * len(widgets)],
                       "flags": {}, "order": order, "mode": 0, "inputs": sockets, "outputs": outputs,
                       "properties": {"Node name for S&R": ctype}, "widgets_values": widgets})
     type_of = {(n["id"], i): o["type"] for n in nodes for i, o in enumerate(n["outputs"])}

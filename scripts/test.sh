@@ -6,6 +6,9 @@ set -euo pipefail
 PACK=$(cd "$(dirname "$0")/.." && pwd)
 cd "$PACK"
 bash scripts/setup_host.sh
+# the browser tests need Debian's Chromium and Playwright; RCCA_SKIP_BROWSER=1 skips installing them
+# (tests/browser then skips, saying why)
+if [ "${RCCA_SKIP_BROWSER:-0}" != 1 ]; then bash scripts/setup_browser.sh; fi
 # default prepend import mode: tests/ has no __init__.py files, so no test module is ever imported as
 # part of a package named `tests` (ComfyUI has one); each test folder goes on sys.path by itself
 exec "$PACK/.host/venv/bin/python" -m pytest --rootdir="$PACK" "$@"

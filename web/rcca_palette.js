@@ -1,11 +1,15 @@
 // rcca-palette frontend extension.
 // Tints the pack's nodes, and each Add Region node with its own region colour, so a palette
-// graph reads at a glance. (The drawing canvas widget on the palette node comes with live mode.)
+// graph reads at a glance; puts the drawing canvas (palette_canvas.js) on the Regional Prompt
+// Palette node and routes live-mode websocket events to it.
 import { app } from "../../scripts/app.js";
+import { PaletteCanvas, installLiveRouting } from "./palette_canvas.js";
 
 const PACK_COLOR = "#2f3d45";
 const PACK_BGCOLOR = "#3b4d57";
 const HEX = /^#[0-9a-fA-F]{6}$/;
+// room for the toolbar, a few region rows and a usable drawing beside the live frame
+const PALETTE_MIN_SIZE = [640, 820];
 
 function tintFromRegionColour(node) {
   const widget = node.widgets?.find((w) => w.name === "color");
@@ -14,8 +18,27 @@ function tintFromRegionColour(node) {
   node.setDirtyCanvas?.(true, true);
 }
 
+function ensureMinSize(node) {
+  const [w, h] = node.size;
+  if (w < PALETTE_MIN_SIZE[0] || h < PALETTE_MIN_SIZE[1]) {
+    node.setSize([Math.max(w, PALETTE_MIN_SIZE[0]), Math.max(h, PALETTE_MIN_SIZE[1])]);
+  }
+}
+
+function chain(proto, name, after) {
+  const original = proto[name];
+  proto[name] = function () {
+    const result = original?.apply(this, arguments);
+    after.apply(this, arguments);
+    return result;
+  };
+}
+
 app.registerExtension({
   name: "rcca.palette",
+  setup() {
+    installLiveRouting();
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!nodeData?.name?.startsWith("RCCA")) return;
     const onNodeCreated = nodeType.prototype.onNodeCreated;
@@ -34,15 +57,22 @@ app.registerExtension({
           };
         }
       }
+      if (nodeData.name === "RCCARegionalPromptPalette") {
+        this.rccaCanvas = new PaletteCanvas(this);
+        ensureMinSize(this);
+      }
       return result;
     };
     if (nodeData.name === "RCCAAddRegion") {
-      const onConfigure = nodeType.prototype.onConfigure;
-      nodeType.prototype.onConfigure = function () {
-        const result = onConfigure?.apply(this, arguments);
-        tintFromRegionColour(this);
-        return result;
-      };
+      chain(nodeType.prototype, "onConfigure", function () { tintFromRegionColour(this); });
+    }
+    if (nodeData.name === "RCCARegionalPromptPalette") {
+      // widget values are restored before onConfigure: rebuild the drawing from regions_state
+      chain(nodeType.prototype, "onConfigure", function () {
+        ensureMinSize(this);
+        this.rccaCanvas?.onConfigure();
+      });
+      chain(nodeType.prototype, "onAdded", function () { this.rccaCanvas?.onAdded(); });
     }
   },
 });

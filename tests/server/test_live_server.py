@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from rcca_core.palette import RegionSpec  # noqa: E402
 from rcca_core.palette_state import encode_state  # noqa: E402
 
-SIZE = 512
+SIZE = 128  # the example workflow paints at 512; 128 keeps the tiny model quick on 2 CPU cores
 
 
 def live_prompt(server, idle_timeout=120.0):
@@ -23,6 +23,7 @@ def live_prompt(server, idle_timeout=120.0):
     prompt["1"]["inputs"]["ckpt_name"] = server.ckpt_name
     prompt["4"]["inputs"]["idle_timeout"] = idle_timeout
     prompt["4"]["inputs"]["decode"] = "latent2rgb"  # the stream, not the VAE, is under test
+    prompt["2"]["inputs"].update(width=SIZE, height=SIZE)  # its 512 px drawing is resized (same aspect ratio)
     return prompt
 
 
@@ -97,8 +98,8 @@ def test_routes_validate_payloads_and_the_server_keeps_serving(comfy_server):
             (edit, json.dumps({"regions_state": json.dumps({"version": 1, "width": SIZE, "height": SIZE, "regions": [
                 {"prompt": "x", "mask": "data:image/png;base64,AAAA"}]})}).encode(), 400, "cannot be decoded"),
             (edit, json.dumps({"regions_state": "{"}).encode(), 400, "not valid JSON"),
-            (edit, json.dumps({"regions_state": encode_state([RegionSpec("x", torch.ones(64, 64))], 64, 64)}).encode(),
-             409, "the drawing is 64 x 64 but this live session renders 512 x 512"),
+            (edit, json.dumps({"regions_state": encode_state([RegionSpec("x", torch.ones(64, 96))], 96, 64)}).encode(),
+             409, f"the drawing is 96 x 64 but this live session renders {SIZE} x {SIZE}"),
             (edit, b"x" * (33 * 2**20), 413, "larger than"),
         ]
         for path, raw, want_status, message in cases:
