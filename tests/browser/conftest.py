@@ -190,8 +190,8 @@ def live_available(browser_server) -> bool:
     return "RCCALiveStream" in browser_server.get_json("/object_info")
 
 
-@pytest.fixture(scope="session")
-def browser():
+@pytest.fixture(scope="module")  # Playwright's sync API keeps an event loop running in this thread
+def browser():                    # while it lives; closing it with the module frees asyncio for later tests
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
