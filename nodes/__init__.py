@@ -6,11 +6,13 @@ from .attention_patch import RCCAAttentionPatch
 from .live import LiveStream, register_routes
 from .palette import AddRegion, RegionalPromptPalette
 from .pyramid import MaskPyramidNode
+from .rcd import RCDEmbeddingRefiner, RCDLatentOptimizer
 from .stream import PaletteTimeline, SemanticDrawOptionsNode, StreamBatchLCMSampler
 
 NODES: list[type[io.ComfyNode]] = [
     RegionalPromptPalette, AddRegion, MaskPyramidNode, RCCAAttentionPatch,
     StreamBatchLCMSampler, PaletteTimeline, SemanticDrawOptionsNode, LiveStream,
+    RCDEmbeddingRefiner, RCDLatentOptimizer,
 ]
 
 register_routes()

@@ -110,6 +110,50 @@ def blank_drawing(classes: dict) -> str:
     return state.encode_state(regions, SIZE, SIZE)
 
 
+def rcd_graph(steps: int = 50, cfg: float = 7.5) -> dict:
+    """RCD txt2img: refined subject embeddings + RCD Latent Optimizer around euler (SamplerCustomAdvanced)."""
+    return {
+        "1": ("CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, (0, 0)),
+        "2": ("RCDEmbeddingRefiner", {"clip": ["1", 1], "prompt": "a black kitten and a white dog on a red couch",
+                                      "subjects": "", "parser": "rules", "lambda_t": 0.5}, (350, 0)),
+        "3": ("CLIPTextEncode", {"clip": ["1", 1], "text": "blurry, low quality"}, (350, 350)),
+        "4": ("CFGGuider", {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "cfg": cfg}, (750, 0)),
+        "5": ("KSamplerSelect", {"sampler_name": "euler"}, (750, 250)),
+        "6": ("RCDLatentOptimizer", {"sampler": ["5", 0], "t_f": 25, "t_a": 15, "k": 1, "step_size": 10.0,
+                                     "delta": 1.5, "distill": True}, (1050, 250)),
+        "7": ("BasicScheduler", {"model": ["1", 0], "scheduler": "normal", "steps": steps, "denoise": 1.0}, (750, 600)),
+        "8": ("RandomNoise", {"noise_seed": 42}, (750, 800)),
+        "9": ("EmptyLatentImage", {"width": SIZE, "height": SIZE, "batch_size": 1}, (750, 950)),
+        "10": ("SamplerCustomAdvanced", {"noise": ["8", 0], "guider": ["4", 0], "sampler": ["6", 0],
+                                         "sigmas": ["7", 0], "latent_image": ["9", 0]}, (1450, 0)),
+        "11": ("VAEDecode", {"samples": ["10", 0], "vae": ["1", 2]}, (1800, 0)),
+        "12": ("SaveImage", {"images": ["11", 0], "filename_prefix": "rcca_palette_rcd"}, (2050, 0)),
+    }
+
+
+def rcd_regions_graph(steps: int = 50, cfg: float = 7.5) -> dict:
+    """RCD + RCCA: regions place the fox and the car, RCD keeps both faithful; the refined prompt is the positive."""
+    g = regions_graph("euler", steps, cfg, "normal")
+    for nid in ("13", "14", "15"):
+        del g[nid]
+    g.update({
+        "16": ("RCDEmbeddingRefiner", {"clip": ["1", 1],
+                                       "prompt": "a [red fox] and a [blue vintage car] in a sunny meadow, detailed photograph",
+                                       "subjects": "", "parser": "rules", "lambda_t": 0.5}, (850, 800)),
+        "17": ("CFGGuider", {"model": ["11", 0], "positive": ["16", 0], "negative": ["12", 0], "cfg": cfg}, (1550, 100)),
+        "18": ("KSamplerSelect", {"sampler_name": "euler"}, (1550, 350)),
+        "19": ("RCDLatentOptimizer", {"sampler": ["18", 0], "t_f": 25, "t_a": 15, "k": 1, "step_size": 10.0,
+                                      "delta": 1.5, "distill": True}, (1850, 350)),
+        "20": ("BasicScheduler", {"model": ["11", 0], "scheduler": "normal", "steps": steps, "denoise": 1.0}, (1550, 700)),
+        "21": ("RandomNoise", {"noise_seed": 42}, (1550, 900)),
+        "22": ("SamplerCustomAdvanced", {"noise": ["21", 0], "guider": ["17", 0], "sampler": ["19", 0],
+                                         "sigmas": ["20", 0], "latent_image": ["9", 0]}, (2200, 100)),
+        "23": ("VAEDecode", {"samples": ["22", 0], "vae": ["1", 2]}, (2550, 100)),
+        "24": ("SaveImage", {"images": ["23", 0], "filename_prefix": "rcca_palette_rcd_regions"}, (2800, 100)),
+    })
+    return g
+
+
 WORKFLOWS = {
     # LCM: for LCM checkpoints or a model with an LCM-LoRA; 6 steps, low cfg
     "rcca_regions_lcm": regions_graph("lcm", 6, 1.5, "sgm_uniform"),
@@ -117,6 +161,9 @@ WORKFLOWS = {
     "rcca_regions_euler": regions_graph("euler", 20, 7.0, "normal"),
     # the stream: 6 frames of a drawing sequence, one model call per frame
     "rcca_stream_drawing": stream_graph(),
+    # RCD: faithful multi-subject prompts, alone and with the RCCA palette
+    "rcd_refine_optimize": rcd_graph(),
+    "rcd_rcca_regions": rcd_regions_graph(),
 }
 
 

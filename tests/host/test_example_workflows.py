@@ -52,10 +52,12 @@ def test_api_workflow_runs(comfy_host, name):
     api = json.loads((EXAMPLES / "api" / f"{name}.json").read_text())
     api["1"]["inputs"]["ckpt_name"] = comfy_host.ckpt_name
     for node in api.values():  # 512 px and 20 steps are slow on 2 CPU cores; the graph is what is tested
-        if node["class_type"] == "KSampler":
+        if node["class_type"] in ("KSampler", "BasicScheduler"):
             node["inputs"]["steps"] = min(node["inputs"]["steps"], 3)
+        if node["class_type"] == "RCDLatentOptimizer":
+            node["inputs"].update(t_f=min(node["inputs"]["t_f"], 2), t_a=min(node["inputs"]["t_a"], 1))
     result = comfy_host.run_graph(api)
     saved = [img for out in result["outputs"].values() for img in out.get("images", [])]
-    assert saved and saved[0]["filename"].startswith(("rcca_palette", "rcca_stream"))
+    assert saved and saved[0]["filename"].startswith(("rcca_palette", "rcca_stream"))  # incl. rcca_palette_rcd*
     image = comfy_host.base / "output" / saved[0].get("subfolder", "") / saved[0]["filename"]
     assert image.stat().st_size > 0

@@ -48,11 +48,12 @@ def sample(host, model, positive, negative, cfg=2.0, sampler="lcm", steps=4, see
 def test_pack_nodes_are_registered_with_display_names(comfy_host):
     import nodes
     assert comfy_host.pack_loaded
-    names = {k: nodes.NODE_DISPLAY_NAME_MAPPINGS.get(k) for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("RCCA")}
+    names = {k: nodes.NODE_DISPLAY_NAME_MAPPINGS.get(k) for k in nodes.NODE_CLASS_MAPPINGS if k.startswith(("RCCA", "RCD"))}
     assert names == {"RCCARegionalPromptPalette": "Regional Prompt Palette", "RCCAAddRegion": "Add Region",
                      "RCCAMaskPyramid": "Mask Pyramid", "RCCAAttentionPatch": "RCCA Attention Patch",
                      "RCCAStreamBatchLCMSampler": "Stream Batch LCM Sampler", "RCCAPaletteTimeline": "Palette Timeline",
-                     "RCCASemanticDrawOptions": "SemanticDraw Options"}
+                     "RCCASemanticDrawOptions": "SemanticDraw Options", "RCCALiveStream": "Live Stream",
+                     "RCDEmbeddingRefiner": "RCD Embedding Refiner", "RCDLatentOptimizer": "RCD Latent Optimizer"}
 
 
 @pytest.mark.parametrize("cfg", [1.0, 2.5])
