@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: in-process ComfyUI, random checkpoints, palettes, step timer.
+"""Shared pieces of the benchmarks: in-process ComfyUI, random checkpoints, palettes, step/tick clocks.
 
 Nothing here is a test: benchmarks print numbers, they never assert on time.
 
@@ -172,8 +172,14 @@ def prepare_checkpoint(host: Host, preset: str, ckpt: str | os.PathLike | None =
 
 def load_checkpoint(host: Host, name: str) -> tuple[Any, Any]:
     """(model, clip) through the stock loader node, as a workflow would get them."""
-    model, clip = host.nodes.CheckpointLoaderSimple().load_checkpoint(name)[:2]
+    model, clip = load_checkpoint_with_vae(host, name)[:2]
     return model, clip
+
+
+def load_checkpoint_with_vae(host: Host, name: str) -> tuple[Any, Any, Any]:
+    """(model, clip, vae) through the stock loader node; the random presets' VAE is a TAESD."""
+    model, clip, vae = host.nodes.CheckpointLoaderSimple().load_checkpoint(name)[:3]
+    return model, clip, vae
 
 
 # -- palettes -------------------------------------------------------------------------------
@@ -216,13 +222,13 @@ class RunTiming:
     samples: torch.Tensor
 
 
-class StepTimer:
-    """Times nodes.KSampler().sample() per step through the sampler's step callback.
+class CallbackClock:
+    """Stamps the clock (after a device sync) at every step callback a sampler reports.
 
-    KSampler builds its callback with latent_preview.prepare_callback(); wrapping that factory
-    stamps the clock (after a device sync) at the end of every step. Intervals between stamps
-    are pure sampling steps: no model loading, noise preparation or clone switching, which a
-    whole-run time also holds (it is reported too, as run_ms / steps).
+    Both KSampler and the Stream Batch LCM Sampler build their per-step callback with
+    latent_preview.prepare_callback() (the stream calls it once per tick), so wrapping that
+    factory gives one stamp per step or tick. Intervals between stamps are pure sampling work:
+    no model loading, noise preparation or clone switching, which a whole-call time also holds.
     """
 
     def __init__(self, host: Host) -> None:
@@ -232,7 +238,15 @@ class StepTimer:
         self._original: Callable | None = None
         self._stamps: list[float] = []
 
-    def __enter__(self) -> "StepTimer":
+    @property
+    def stamps(self) -> list[float]:
+        """perf_counter() at the end of every step since the last clear(), device synchronised."""
+        return self._stamps
+
+    def clear(self) -> None:
+        self._stamps.clear()
+
+    def __enter__(self) -> "CallbackClock":
         original = self._original = self._module.prepare_callback
         stamps, sync = self._stamps, self.host.sync
 
@@ -245,12 +259,21 @@ class StepTimer:
                 inner(step, x0, x, total_steps)
             return callback
 
-        # nodes.common_ksampler looks the factory up on the module at each call
+        # nodes.common_ksampler and the stream node look the factory up on the module at each call
         self._module.prepare_callback = prepare_callback
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._module.prepare_callback = self._original
+
+
+class StepTimer(CallbackClock):
+    """Times nodes.KSampler().sample() per step (see CallbackClock); also reports the whole run
+    (as run_ms / steps)."""
+
+    def __enter__(self) -> "StepTimer":
+        super().__enter__()
+        return self
 
     def sample(self, model: Any, positive: Any, negative: Any, latent: dict, steps: int, cfg: float,
                seed: int = 0, sampler: str = "euler", scheduler: str = "normal") -> RunTiming:

@@ -1,23 +1,33 @@
 #!/usr/bin/env bash
-# Full SD1.5-architecture RCCA overhead benchmark on a CUDA machine with no ComfyUI install and
-# no network: it uses that machine's own torch and a ComfyUI source tree copied along with the pack.
+# Full SD1.5-architecture benchmarks on a CUDA machine with no ComfyUI install and no network: they
+# use that machine's own torch and a ComfyUI source tree copied along with the pack.
 #
-# usage: bash bench/gpu_run.sh [COMFYUI_DIR] [WHEELS_DIR] [-- extra ksampler_patch_overhead.py args]
+# usage: bash bench/gpu_run.sh [ksampler|stream|all] [COMFYUI_DIR] [WHEELS_DIR] [-- extra benchmark args]
+#   ksampler     bench/ksampler_patch_overhead.py (RCCA patch overhead per KSampler step)
+#   stream       bench/stream_fps.py (Stream Batch LCM Sampler frames/s; adds --compile, see below)
+#   all          both, ksampler first (the default); extra args need a single benchmark
 #   COMFYUI_DIR  ComfyUI 0.3.75 tree (default: <pack>/.host/ComfyUI, carried along with the pack)
 #   WHEELS_DIR   optional folder of wheels installed offline with --no-deps (see bench/README.md)
 # env: PYTHON (default python3), DEVICE (default cuda; cpu only to dry-run this script), RESULTS_DIR (default <pack>/bench/results), CKPT (checkpoint path,
-#      written once from the full preset if missing; default /tmp/rcca_bench_full_sd15.safetensors)
+#      written once from the full preset if missing; default /tmp/rcca_bench_full_sd15.safetensors; both benchmarks share it)
 #
-# Prints the benchmark's JSON on stdout and writes it to $RESULTS_DIR/ksampler_patch_overhead_gpu.json.
+# Prints each benchmark's JSON on stdout and writes it to $RESULTS_DIR/<benchmark>_gpu.json
+# (ksampler_patch_overhead_gpu.json, stream_fps_gpu.json).
 set -euo pipefail
 
 PACK=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
 COMFY=$PACK/.host/ComfyUI
 WHEELS=""
+BENCH=all
+# the benchmark name is optional, so `gpu_run.sh COMFYUI_DIR ...` keeps working as before
+case ${1:-} in ksampler|stream|all) BENCH=$1; shift ;; esac
 if [[ $# -gt 0 && $1 != "--" ]]; then COMFY=$1; shift; fi
 if [[ $# -gt 0 && $1 != "--" ]]; then WHEELS=$1; shift; fi
 if [[ $# -gt 0 && $1 == "--" ]]; then shift; fi
+if [[ $# -gt 0 && $BENCH == all ]]; then
+    echo "gpu_run.sh: extra arguments go to one benchmark; name it (ksampler or stream) first" >&2; exit 2
+fi
 COMFY=$(cd "$COMFY" && pwd)
 [[ -f $COMFY/nodes.py ]] || { echo "gpu_run.sh: no ComfyUI at $COMFY" >&2; exit 2; }
 
@@ -86,6 +96,14 @@ mkdir -p "$RESULTS_DIR"
 export PYTHONUNBUFFERED=1
 # full preset at 512 x 512; the checkpoint is written in fp16 and ComfyUI runs the UNet in fp16 on
 # CUDA (the JSON's unet_dtype says what it chose). No exec: the EXIT trap removes $SITE afterwards.
-"$PY" "$PACK/bench/ksampler_patch_overhead.py" --device "${DEVICE:-cuda}" --preset full --size 512 \
-    --comfyui "$COMFY" --ckpt "${CKPT:-/tmp/rcca_bench_full_sd15.safetensors}" \
-    --out "$RESULTS_DIR/ksampler_patch_overhead_gpu.json" "$@"
+common=(--device "${DEVICE:-cuda}" --preset full --size 512 --comfyui "$COMFY"
+        --ckpt "${CKPT:-/tmp/rcca_bench_full_sd15.safetensors}")
+if [[ $BENCH == ksampler || $BENCH == all ]]; then
+    "$PY" "$PACK/bench/ksampler_patch_overhead.py" "${common[@]}" \
+        --out "$RESULTS_DIR/ksampler_patch_overhead_gpu.json" "$@"
+fi
+if [[ $BENCH == stream || $BENCH == all ]]; then
+    # --compile: the targets include a torch.compile (CUDA graphs) figure; --no-compile drops it
+    "$PY" "$PACK/bench/stream_fps.py" "${common[@]}" --compile \
+        --out "$RESULTS_DIR/stream_fps_gpu.json" "$@"
+fi
