@@ -12,6 +12,7 @@ set of Python packages a bare GPU machine must have small.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import platform
@@ -329,3 +330,12 @@ def compare_interleaved(timer: StepTimer, variants: dict[str, Any], positive: An
 
 def ratio(a: float, b: float) -> float:
     return round(a / b, 4) if b > 0 and math.isfinite(a) else float("nan")
+
+
+def emit_report(report: dict[str, Any], out: str | None) -> None:
+    """Print a benchmark's JSON, and write it to `out` when given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")

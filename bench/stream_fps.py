@@ -467,11 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     finally:
         host.close()
-    text = json.dumps(report, indent=2)
-    print(text)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text + "\n")
+    common.emit_report(report, a.out)
     return 0
 
 
