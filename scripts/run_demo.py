@@ -46,7 +46,8 @@ def resolve_checkpoint(ckpt: str | None) -> tuple[Path, str, bool]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Render an example rcca-palette workflow through ComfyUI's HTTP API.")
     ap.add_argument("--ckpt", help="checkpoint path or name (default: a random-weight SD1.5-layout checkpoint)")
-    ap.add_argument("--workflow", choices=sorted(p.stem for p in WORKFLOWS.glob("*.json")),
+    # the live workflow streams to a browser tab, so it is not a command-line demo
+    ap.add_argument("--workflow", choices=sorted(p.stem for p in WORKFLOWS.glob("*.json") if p.stem != "rcca_live_drawing"),
                     help="default: rcca_regions_euler with a real checkpoint, rcca_regions_lcm with random weights")
     ap.add_argument("--steps", type=int, help="override the workflow's sampler steps")
     ap.add_argument("--seed", type=int, help="override the workflow's seed")
