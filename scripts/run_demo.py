@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     for node in prompt.values():
         if node["class_type"] == "CheckpointLoaderSimple":
             node["inputs"]["ckpt_name"] = ckpt_name
-        if node["class_type"] == "KSampler":
-            if a.steps:
-                node["inputs"]["steps"] = a.steps
-            if a.seed is not None:
-                node["inputs"]["seed"] = a.seed
+        if node["class_type"] in ("KSampler", "BasicScheduler") and a.steps:
+            node["inputs"]["steps"] = a.steps
+        for key in ("seed", "noise_seed"):
+            if key in node["inputs"] and a.seed is not None:
+                node["inputs"][key] = a.seed
 
     print(f"[demo] workflow {workflow}, checkpoint {ckpt_name}", flush=True)
     t0 = time.time()
