@@ -71,16 +71,6 @@ def latent2rgb(model, samples: torch.Tensor, scale: int = 8) -> torch.Tensor:
     return ((rgb.movedim(1, -1) + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-def _without_rcca(m, rcca: RegionalCrossAttention) -> None:
-    to = m.model_options["transformer_options"]
-    for name in ("attn1_patch", "attn2_patch"):
-        to["patches"][name] = [p for p in to["patches"][name] if getattr(p, "__self__", None) is not rcca]
-    if rcca.previous_override is not None:
-        to["optimized_attention_override"] = rcca.previous_override
-    else:
-        to.pop("optimized_attention_override", None)
-
-
 class StreamRuntime:
     def __init__(self, model, positive, negative, latent_shape: Sequence[int], timesteps: str, schedule_steps: int,
                  seed: int, region_mode: str, cfg_mode: str, cfg: float, compile: str, decode: str,
@@ -130,7 +120,7 @@ class StreamRuntime:
         m = self.model.clone()
         rcca = RegionalCrossAttention.installed_in(m.model_options)
         if self.region_mode != "rcca" and rcca is not None:
-            _without_rcca(m, rcca)
+            rcca.uninstall(m.model_options)
             rcca = None
         if self.region_mode == "rcca" and rcca is None:
             previous = m.model_options.get("transformer_options", {}).get("optimized_attention_override")

@@ -3,10 +3,10 @@ cross-attention (RCCA) in plain torch. Never imports ComfyUI, so it is testable 
 
 from .palette import MAX_REGIONS, Palette, PaletteError, Region, RegionSpec
 from .masks import MaskPyramid, resize_mask_to_canvas
-from .attention import RCCAOptions, RegionalCrossAttention, region_bias, rcca_attention
+from .attention import RCCAOptions, RegionalCrossAttention, region_bias
 
 __all__ = [
     "MAX_REGIONS", "Palette", "PaletteError", "Region", "RegionSpec",
     "MaskPyramid", "resize_mask_to_canvas",
-    "RCCAOptions", "RegionalCrossAttention", "region_bias", "rcca_attention",
+    "RCCAOptions", "RegionalCrossAttention", "region_bias",
 ]

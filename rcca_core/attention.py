@@ -92,15 +92,6 @@ def region_bias(weights: torch.Tensor, token_counts: Sequence[int], mode: str = 
     return blocks.transpose(1, 2).repeat_interleave(counts, dim=-1).contiguous()
 
 
-def rcca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
-    """Reference RCCA with plain SDPA: q (B, hw, heads*d), k/v (B, L, heads*d), bias (B, hw, L)."""
-    b, n, inner = q.shape
-    d = inner // heads
-    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(1).to(q.dtype))
-    return out.transpose(1, 2).reshape(b, n, inner)
-
-
 def cross_attention_layers(unet: torch.nn.Module) -> dict[LayerKey, torch.nn.Module]:
     """The attn2 modules of a ComfyUI-style UNet (input_blocks / middle_block / output_blocks),
     keyed as its forward names them in transformer_options: (kind, block id, transformer index)."""
@@ -310,6 +301,18 @@ class RegionalCrossAttention:
         patches["attn1_patch"] = patches.get("attn1_patch", []) + [self.attn1_patch]
         patches["attn2_patch"] = patches.get("attn2_patch", []) + [self.attn2_patch]
         to["optimized_attention_override"] = self.attention_override
+
+    def uninstall(self, model_options: dict) -> None:
+        """Remove these hooks from a (cloned) model_options, restoring an earlier override."""
+        to = model_options.get("transformer_options", {})
+        patches = to.get("patches", {})
+        for name in ("attn1_patch", "attn2_patch"):
+            if name in patches:
+                patches[name] = [p for p in patches[name] if getattr(p, "__self__", None) is not self]
+        if self.previous_override is not None:
+            to["optimized_attention_override"] = self.previous_override
+        else:
+            to.pop("optimized_attention_override", None)
 
     @classmethod
     def installed_in(cls, model_options: dict) -> "RegionalCrossAttention | None":

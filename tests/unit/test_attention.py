@@ -311,3 +311,24 @@ def test_per_latent_palettes_via_transformer_options_rows():
     torch.testing.assert_close(again, out, atol=0, rtol=0)  # the cached combination gives the same
     with pytest.raises(PaletteError, match="3 per-latent palettes for a batch of 2"):
         run_layer(layer, x, own, h, w, {**to, "cond_or_uncond": [0, 1], "rcca_rows": (pa, pb, pa)})
+
+
+def test_uninstall_removes_the_hooks_and_restores_an_earlier_override():
+    layer = CrossAttention(DIM, CTX_DIM, HEADS)
+    palette = Palette.build([RegionSpec("a dog", torch.ones(24, 32))], "bg", 32, 24, encode)
+
+    def earlier(func, *args, **kwargs):
+        return func(*args, **kwargs)
+
+    def other_patch(n, context, value, extra):
+        return n, context, value
+
+    options = {"transformer_options": {"optimized_attention_override": earlier, "patches": {"attn2_patch": [other_patch]}}}
+    rcca = RegionalCrossAttention(palette, {KEY: layer}, previous_override=earlier)
+    rcca.install(options)
+    assert RegionalCrossAttention.installed_in(options) is rcca
+    rcca.uninstall(options)
+    to = options["transformer_options"]
+    assert RegionalCrossAttention.installed_in(options) is None
+    assert to["patches"]["attn2_patch"] == [other_patch] and to["patches"]["attn1_patch"] == []
+    assert to["optimized_attention_override"] is earlier
