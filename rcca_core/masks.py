@@ -12,27 +12,20 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .palette import PaletteError
+from .errors import PaletteError
 
 DOWNSAMPLE_MODES = ("area", "nearest")
 
 
-def resize_mask_to_canvas(mask: torch.Tensor, width: int, height: int, what: str = "mask") -> torch.Tensor:
-    """(N, H, W) -> (N, height, width).
-
-    Rule: a mask of the canvas size is used as is; a mask with the canvas's aspect ratio
-    (within one pixel) is resized with antialiased bilinear filtering; any other size is an
-    error, since stretching would move the region.
-    """
-    h, w = mask.shape[-2:]
-    if (h, w) == (height, width):
-        return mask
-    if abs(w * height / h - width) > 1.0 or abs(h * width / w - height) > 1.0:
+def check_latent_aspect(canvas_width: int, canvas_height: int, width_px: int, height_px: int,
+                        node: str, cell_px: int = 8) -> None:
+    """A latent must have the canvas's aspect ratio; one latent cell of slack per axis, scaled
+    by the ratio, absorbs the rounding of odd sizes. Sizes in pixels, so every sampler says the same."""
+    ratio = canvas_width / canvas_height
+    if abs(width_px - height_px * ratio) > cell_px * (1 + ratio) or abs(height_px - width_px / ratio) > cell_px * (1 + 1 / ratio):
         raise PaletteError(
-            f"{what}: mask is {w} x {h} but the canvas is {width} x {height}; masks must match the canvas size "
-            "or at least its aspect ratio (then they are resized); crop or resize the mask, or change the canvas")
-    out = F.interpolate(mask.unsqueeze(1), size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-    return out.squeeze(1).clamp(0.0, 1.0)
+            f"{node}: the latent ({width_px} x {height_px} px) does not have the palette canvas's aspect ratio "
+            f"({canvas_width} x {canvas_height} px); use an empty latent of the canvas size (or a multiple of it)")
 
 
 def unet_level_sizes(height: int, width: int, levels: int) -> list[tuple[int, int]]:
@@ -78,13 +71,13 @@ class MaskPyramid:
         return sorted(self._levels, reverse=True)
 
     def check_aspect(self, h: int, w: int) -> None:
-        """A latent must have the canvas's aspect ratio, allowing the rounding of odd sizes."""
+        """A level must have the canvas's aspect ratio. Samplers check the latent in pixels before
+        they start (check_latent_aspect); this catches a layer another patch resized."""
         H, W = self.canvas_size
-        # one pixel of slack per axis, scaled by the ratio, absorbs the rounding of odd sizes at deep levels
         if abs(w - h * W / H) > 1.0 + W / H or abs(h - w * H / W) > 1.0 + H / W:
             raise PaletteError(
-                f"the latent ({w} x {h} at this attention layer) does not have the palette canvas's aspect ratio "
-                f"({W} x {H}); use an empty latent of the canvas size (or a multiple of it)")
+                f"RCCA: a cross-attention layer of {w} x {h} cells does not have the palette canvas's aspect ratio "
+                f"({W} x {H} px); use an empty latent of the canvas size (or a multiple of it)")
 
     def level(self, h: int, w: int) -> torch.Tensor:
         """(N, 1 + P, h * w) float32 coverages at an h x w attention layer."""

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
+
+from .errors import PaletteError
 
 MAX_REGIONS = 16
 """More regions than this rarely help a drawing and make the concatenated context long."""
@@ -24,8 +27,22 @@ DEFAULT_COLORS = (
 _HEX_COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
 
 
-class PaletteError(ValueError):
-    """Bad palette input; the message says what was wrong and what is accepted."""
+def resize_mask_to_canvas(mask: torch.Tensor, width: int, height: int, what: str = "mask") -> torch.Tensor:
+    """(N, H, W) -> (N, height, width).
+
+    Rule: a mask of the canvas size is used as is; a mask with the canvas's aspect ratio
+    (within one pixel) is resized with antialiased bilinear filtering; any other size is an
+    error, since stretching would move the region.
+    """
+    h, w = mask.shape[-2:]
+    if (h, w) == (height, width):
+        return mask
+    if abs(w * height / h - width) > 1.0 or abs(h * width / w - height) > 1.0:
+        raise PaletteError(
+            f"{what}: mask is {w} x {h} but the canvas is {width} x {height}; masks must match the canvas size "
+            "or at least its aspect ratio (then they are resized); crop or resize the mask, or change the canvas")
+    out = F.interpolate(mask.unsqueeze(1), size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return out.squeeze(1).clamp(0.0, 1.0)
 
 
 def check_mask_values(mask: torch.Tensor, what: str) -> None:
@@ -75,8 +92,6 @@ class RegionSpec:
 
     def coverage(self, height: int, width: int) -> torch.Tensor:
         """strength * mask as (N, H, W) float32, resized to the canvas by the documented rule."""
-        from .masks import resize_mask_to_canvas
-
         mask = self.mask if self.mask.ndim == 3 else self.mask.unsqueeze(0)
         what = f"region '{self.name}'" if self.name else "region"
         return resize_mask_to_canvas(mask.float(), width, height, what) * float(self.strength)
