@@ -4,21 +4,69 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+import logging
+
 from ..rcca_core.attention import ATTENTION_MODES, RCCAOptions, RegionalCrossAttention, cross_attention_layers, parse_blocks
+from ..rcca_core.masks import check_latent_aspect
 from ..rcca_core.palette import PaletteError
 from . import types
 
 SUPPORTED = "SD1.5 (incl. LCM / Hyper / Turbo variants) and SDXL"
+NODE = "RCCA Attention Patch"
+WRAPPER_KEY = "rcca_palette"
+log = logging.getLogger("rcca_palette")
 
 
-def check_supported(model) -> None:
+def check_supported(model, node: str = NODE) -> None:
     """RCCA needs a UNet with cross-attention on CLIP tokens: SD1.5 or SDXL families."""
     import comfy.supported_models as sm
 
     config = model.model.model_config
     if not isinstance(config, (sm.SD15, sm.SDXL)):
-        raise PaletteError(f"RCCA Attention Patch supports {SUPPORTED} models; this model is {type(config).__name__}. "
+        raise PaletteError(f"{node} supports {SUPPORTED} models; this model is {type(config).__name__}. "
                            "Use the model's own regional conditioning nodes instead.")
+
+
+def check_blocks(blocks, layers) -> None:
+    """Every block the user names must exist in this model; say which ones it has."""
+    if blocks is None:
+        return
+    have = sorted({(kind, block) for kind, block, _ in layers})
+    for kind, block in sorted(blocks, key=lambda b: (b[0], -1 if b[1] is None else b[1])):
+        if block is None and not any(k == kind for k, _ in have):
+            raise PaletteError(f"{NODE}: blocks names '{kind}' but this model has no cross-attention in its {kind} blocks")
+        if block is not None and (kind, block) not in have:
+            listed = ", ".join(f"{k}:{b}" for k, b in have)
+            raise PaletteError(f"{NODE}: blocks names '{kind}:{block}' but this model has no such cross-attention block; "
+                               f"it has {listed}")
+
+
+def replaced_layers(model_options: dict, rcca: RegionalCrossAttention) -> list:
+    """RCCA layers whose attention another pack replaced (attn2_replace, keyed by layer or by block)."""
+    replace = model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    return sorted(key for key in rcca.layers if rcca.options.applies_to(key[0], key[1])
+                  and (key in replace or key[:2] in replace))
+
+
+def sampling_check(rcca: RegionalCrossAttention):
+    """An OUTER_SAMPLE wrapper: checks the latent and the final model options before the first step,
+    so a wrong latent or a replaced layer is reported before any work is done."""
+
+    def wrapper(executor, noise, latent_image, *args, **kwargs):
+        guider = executor.class_obj
+        if latent_image is not None and latent_image.ndim == 4:
+            palette = rcca.palette
+            check_latent_aspect(palette.width, palette.height, latent_image.shape[-1] * 8, latent_image.shape[-2] * 8, NODE)
+        replaced = replaced_layers(guider.model_options, rcca)
+        if replaced:
+            # a replacement that calls ComfyUI's attention with transformer_options still reaches RCCA;
+            # one that does not makes attn2_output_patch raise at the first such layer
+            log.warning("RCCA Attention Patch: another node replaced cross-attention at %s (attn2_replace); RCCA works "
+                        "there only if the replacement calls ComfyUI's attention with transformer_options, and "
+                        "stops sampling with an error if it does not", ", ".join(map(str, replaced)))
+        return executor(noise, latent_image, *args, **kwargs)
+
+    return wrapper
 
 
 class RCCAAttentionPatch(io.ComfyNode):
@@ -57,6 +105,13 @@ class RCCAAttentionPatch(io.ComfyNode):
                                f"expects {context_dim}; encode the palette with the CLIP of the same checkpoint")
         if start_percent > end_percent:
             raise PaletteError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
+        upstream = RegionalCrossAttention.installed_in(model.model_options)
+        if upstream is not None:
+            raise PaletteError(
+                f"{NODE}: this MODEL already carries an RCCA Attention Patch (a palette of {len(upstream.palette.regions)} "
+                "regions). A second patch in the chain would act only where the first leaves background, so it is "
+                "refused: put every region into one palette (chain Add Region nodes into one Regional Prompt "
+                "Palette), or connect this node to the unpatched model")
         sampling = model.get_model_object("model_sampling")
         options = RCCAOptions(mode=mode, blocks=parse_blocks(blocks),
                               sigma_start=float("inf") if start_percent <= 0.0 else float(sampling.percent_to_sigma(start_percent)),
@@ -64,5 +119,10 @@ class RCCAAttentionPatch(io.ComfyNode):
         patched = model.clone()
         previous = patched.model_options.get("transformer_options", {}).get("optimized_attention_override")
         layers = cross_attention_layers(patched.get_model_object("diffusion_model"))
-        RegionalCrossAttention(palette, layers, options, pyramid, previous).install(patched.model_options)
+        check_blocks(options.blocks, layers)
+        rcca = RegionalCrossAttention(palette, layers, options, pyramid, previous)
+        rcca.install(patched.model_options)
+        import comfy.patcher_extension
+
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, sampling_check(rcca))
         return io.NodeOutput(patched)

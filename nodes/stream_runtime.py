@@ -16,10 +16,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..rcca_core.attention import RegionalCrossAttention, cross_attention_layers
+from ..rcca_core.masks import check_latent_aspect
 from ..rcca_core.palette import PaletteError
 from ..rcca_core.semantic_draw import RowContexts, SemanticDrawDenoiser, SemanticDrawOptions, SemanticDrawState
 from ..rcca_core.stream import SlotBatch, StreamBatch, lcm_timesteps, parse_indices
-from .attention_patch import check_supported
+from .attention_patch import WRAPPER_KEY, check_supported
 
 REGION_MODES = ("rcca", "semantic_draw", "none")
 CFG_MODES = ("none", "self", "full")
@@ -74,10 +75,11 @@ def latent2rgb(model, samples: torch.Tensor, scale: int = 8) -> torch.Tensor:
 class StreamRuntime:
     def __init__(self, model, positive, negative, latent_shape: Sequence[int], timesteps: str, schedule_steps: int,
                  seed: int, region_mode: str, cfg_mode: str, cfg: float, compile: str, decode: str,
-                 states: Sequence, vae=None, semantic_draw: SemanticDrawOptions | None = None) -> None:
+                 states: Sequence, vae=None, semantic_draw: SemanticDrawOptions | None = None,
+                 node: str = "Stream Batch LCM Sampler") -> None:
         import comfy.samplers
 
-        check_supported(model)
+        check_supported(model, node)
         channels, h, w = (int(v) for v in latent_shape)
         if channels != model.model.latent_format.latent_channels:
             raise PaletteError(f"the latent has {channels} channels but this model uses "
@@ -87,10 +89,7 @@ class StreamRuntime:
         if region_mode != "none" and not states:
             raise PaletteError(f"region mode '{region_mode}' needs a palette or a timeline; use region mode 'none' for the prompt alone")
         for state in states[:1]:
-            canvas = state.height / state.width
-            if abs(h - w * canvas) > 1 + canvas:
-                raise PaletteError(f"the latent ({w * 8} x {h * 8} px) does not have the palette canvas's aspect ratio "
-                                   f"({state.width} x {state.height})")
+            check_latent_aspect(state.width, state.height, w * 8, h * 8, node)
         self.model = model
         self.latent_shape = (channels, h, w)
         self.sigmas, self.initial_scale = stream_sigmas(model, timesteps, schedule_steps)
@@ -120,7 +119,10 @@ class StreamRuntime:
         m = self.model.clone()
         rcca = RegionalCrossAttention.installed_in(m.model_options)
         if self.region_mode != "rcca" and rcca is not None:
+            import comfy.patcher_extension
+
             rcca.uninstall(m.model_options)
+            m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
             rcca = None
         if self.region_mode == "rcca" and rcca is None:
             previous = m.model_options.get("transformer_options", {}).get("optimized_attention_override")

@@ -72,6 +72,35 @@ def parse_blocks(spec: str) -> frozenset[tuple[str, int | None]] | None:
     return frozenset(out)
 
 
+def row_layout(rows: int, latents: int, armed: Sequence[int], live: Sequence[int] | None) -> tuple[int, ...]:
+    """Cond (0) / uncond (1) kind of each chunk of `latents` rows in a batch of `rows` rows.
+
+    ComfyUI stacks one chunk of n latents per entry of transformer_options["cond_or_uncond"].
+    Attention-couple packs expand the batch inside attn2 (one copy of the cond rows per couple
+    region); those that keep the list in step with the rows (Acly's tooling nodes) are followed
+    through the live list, a batch made only of cond (or only uncond) rows is unambiguous, and
+    anything else is refused: guessing which rows are cond would put the region bias on the
+    wrong rows and silently switch RCCA off.
+    """
+    if latents <= 0 or rows % latents:
+        raise PaletteError(f"RCCA: a batch of {rows} attention rows does not hold whole chunks of {latents} latents; "
+                           "another patch changed the batch in a way RCCA cannot follow")
+    chunks = rows // latents
+    if live is not None and len(live) == chunks:
+        return tuple(int(c) for c in live)
+    if len(armed) == chunks:
+        return tuple(int(c) for c in armed)
+    kinds = {int(c) for c in (live if live is not None else armed)}
+    if len(kinds) == 1:
+        return (kinds.pop(),) * chunks
+    raise PaletteError(
+        f"RCCA: another attention patch expanded this layer's batch from {len(armed) * latents} rows "
+        f"(cond/uncond chunks {list(armed)}) to {rows} rows without updating transformer_options['cond_or_uncond'], "
+        "as attention-couple nodes that repeat the cond rows per region do; RCCA cannot tell which rows are the "
+        "prompt and which the negative. Move those regions into the palette (Add Region), or use an attention "
+        "couple that keeps cond_or_uncond in step with the batch (e.g. Acly's Regions Attention Mask)")
+
+
 def region_bias(weights: torch.Tensor, token_counts: Sequence[int], mode: str = "soft", eps: float = 1e-4) -> torch.Tensor:
     """Per-block coverages (N, K, hw) -> additive attention bias (N, hw, sum(token_counts)), float32.
 
@@ -207,11 +236,14 @@ class RegionalCrossAttention:
     - `attention_override` (transformer_options["optimized_attention_override"]) consumes the
       arming: it appends the cached region K/V to the layer's own K/V and passes the bias as
       the attention mask to whatever attention function ComfyUI (or an earlier override) uses.
-    - `attn1_patch` disarms, so an arming that another pack's attn2 replacement swallowed can
-      never reach the next block's self-attention.
+    - `attn2_output_patch` raises when the arming is still there after attn2: another pack's
+      attn2 replacement (or an override that does not chain) bypassed RCCA, which must never
+      be silently off. `attn1_patch` disarms too, so a stale arming left by an exception can
+      never reach a self-attention.
 
     Rows are laid out as ComfyUI batches them: chunks listed in cond_or_uncond (0 = cond,
-    1 = uncond), each holding the n latents. Cond rows get region-constrained attention;
+    1 = uncond), each holding the n latents; the layout is read at the attention call, after
+    other packs' attn2 patches may have expanded the batch (see `row_layout`). Cond rows get region-constrained attention;
     uncond rows keep their own context unmasked, unless regions carry negative prompts, which
     then constrain the uncond rows the same way (regions without one use the shared negative).
 
@@ -266,15 +298,31 @@ class RegionalCrossAttention:
         if key not in self.layers:
             raise PaletteError(f"RCCA: no cross-attention layer {key} in this model; the patch supports SD1.5 and SDXL UNets")
         cond_or_uncond = tuple(extra_options.get("cond_or_uncond") or (0,))
+        # uuids has one entry per chunk ComfyUI batched and, unlike cond_or_uncond, no patch edits it
+        chunks = len(extra_options.get("uuids") or cond_or_uncond)
+        latents = int(shape[0]) // chunks
         rows = extra_options.get(self.ROWS_KEY) or (self.default,)
-        self._armed = (key, int(shape[-2]), int(shape[-1]), cond_or_uncond, tuple(rows))
+        self._armed = (key, int(shape[-2]), int(shape[-1]), latents, cond_or_uncond, tuple(rows))
         return n, context, value
+
+    def attn2_output_patch(self, out, extra_options):
+        # still armed after attn2 ran: the layer's attention never reached our override, because
+        # another pack replaced it (attn2_replace) or took the override slot without chaining it
+        if self._armed is not None:
+            key = self._armed[0]
+            self._armed = None
+            raise PaletteError(
+                f"RCCA Attention Patch cannot act at cross-attention layer {key}: another node replaced that "
+                "layer's attention (an attn2_replace patch, as DenseDiffusion or IPAdapter do, or an attention "
+                "override that does not call the one before it) and the replacement ignores RCCA. Use one of the "
+                "two on this model, or leave the replaced layers out of RCCA with its 'blocks' input")
+        return out
 
     def attention_override(self, func, *args, **kwargs):
         armed, self._armed = self._armed, None
         if armed is None:
             return self._call(func, args, kwargs)
-        key, h, w, cond_or_uncond, rows = armed
+        key, h, w, latents, armed_layout, rows = armed
         q, k, v, heads = args[:4]
         mask = args[4] if len(args) > 4 else kwargs.pop("mask", None)
         split_heads = k.ndim == 4  # skip_reshape callers pass (B, heads, L, d)
@@ -283,7 +331,9 @@ class RegionalCrossAttention:
             raise PaletteError(f"RCCA: attention layer {key} has {tokens} queries but activations are {h} x {w}; "
                                "another patch changed the layer's input, which RCCA cannot follow")
         own = k.shape[2] if split_heads else k.shape[1]
-        k_extra, v_extra, bias = self._extras(key, h, w, own, cond_or_uncond, rows, q.shape[0], q.dtype, q.device)
+        live = (kwargs.get("transformer_options") or {}).get("cond_or_uncond")
+        layout = row_layout(int(q.shape[0]), latents, armed_layout, live)
+        k_extra, v_extra, bias = self._extras(key, h, w, own, layout, rows, latents, q.dtype, q.device)
         if mask is not None:
             bias = bias + _as_float_mask(mask, own, bias)
         if split_heads:
@@ -300,13 +350,14 @@ class RegionalCrossAttention:
         patches = to.setdefault("patches", {})
         patches["attn1_patch"] = patches.get("attn1_patch", []) + [self.attn1_patch]
         patches["attn2_patch"] = patches.get("attn2_patch", []) + [self.attn2_patch]
+        patches["attn2_output_patch"] = patches.get("attn2_output_patch", []) + [self.attn2_output_patch]
         to["optimized_attention_override"] = self.attention_override
 
     def uninstall(self, model_options: dict) -> None:
         """Remove these hooks from a (cloned) model_options, restoring an earlier override."""
         to = model_options.get("transformer_options", {})
         patches = to.get("patches", {})
-        for name in ("attn1_patch", "attn2_patch"):
+        for name in ("attn1_patch", "attn2_patch", "attn2_output_patch"):
             if name in patches:
                 patches[name] = [p for p in patches[name] if getattr(p, "__self__", None) is not self]
         if self.previous_override is not None:
@@ -338,12 +389,10 @@ class RegionalCrossAttention:
             self._sigma_active = self.options.sigma_end <= s <= self.options.sigma_start
         return self._sigma_active
 
-    def _extras(self, key, h, w, own, cond_or_uncond, rows, batch, dtype, device):
-        """Extra K, V (batch, Lx, inner) and the bias (batch, hw, own + Lx) in the attention dtype."""
-        chunks = len(cond_or_uncond)
-        if batch % chunks:
-            raise PaletteError(f"RCCA: batch of {batch} rows does not split into {chunks} cond/uncond chunks")
-        n = batch // chunks
+    def _extras(self, key, h, w, own, cond_or_uncond, rows, n, dtype, device):
+        """Extra K, V (rows, Lx, inner) and the bias (rows, hw, own + Lx) in the attention dtype,
+        for len(cond_or_uncond) chunks of n latents."""
+        batch = len(cond_or_uncond) * n
         layer = self.layers[key]
         if len(rows) == 1:
             prepared = rows[0]

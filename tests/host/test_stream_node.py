@@ -164,8 +164,16 @@ def test_latent_of_another_shape_is_refused(comfy_host):
     pal, background, _ = palette(comfy_host, ["a red fox"], [halves()[0]])
     wide = comfy_host.nodes.EmptyLatentImage().generate(SIZE * 2, SIZE, 2)[0]
     sampler = node(comfy_host, "RCCAStreamBatchLCMSampler")
-    with pytest.raises(ValueError, match="aspect ratio"):
+    with pytest.raises(ValueError, match=r"Stream Batch LCM Sampler: the latent \(256 x 128 px\) does not have the "
+                                         r"palette canvas's aspect ratio \(128 x 128 px\)"):
         sampler.execute(model, background, background, wide, TIMESTEPS, 50, 0, "rcca", "none", 1.0, "eager", "auto", palette=pal)
+    import types
+
+    import comfy.supported_models as sm
+
+    flux = types.SimpleNamespace(model=types.SimpleNamespace(model_config=object.__new__(sm.Flux)))
+    with pytest.raises(ValueError, match="^Stream Batch LCM Sampler supports SD1.5 .* this model is Flux"):
+        sampler.execute(flux, background, background, wide, TIMESTEPS, 50, 0, "rcca", "none", 1.0, "eager", "auto", palette=pal)
     sixteen = {"samples": torch.zeros(2, 16, SIZE // 8, SIZE // 8)}
     with pytest.raises(ValueError, match="16 channels but this model uses 4"):
         sampler.execute(model, background, background, sixteen, TIMESTEPS, 50, 0, "rcca", "none", 1.0, "eager", "auto", palette=pal)

@@ -40,5 +40,9 @@ def run_layer(layer, x, context, h, w, transformer_options, key=("input", 1, 0))
     q, k, v = layer.to_q(x), layer.to_k(context), layer.to_v(value)
     override = to.get("optimized_attention_override")
     if override is None:
-        return sdpa_attention(q, k, v, layer.heads, transformer_options=to)
-    return override(sdpa_attention, q, k, v, layer.heads, transformer_options=to)
+        out = sdpa_attention(q, k, v, layer.heads, transformer_options=to)
+    else:
+        out = override(sdpa_attention, q, k, v, layer.heads, transformer_options=to)
+    for p in to.get("patches", {}).get("attn2_output_patch", []):
+        out = p(out, extra)
+    return out

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fake_unet import CrossAttention, run_layer, sdpa_attention
-from rcca_core.attention import RCCAOptions, RegionalCrossAttention, parse_blocks, region_bias
+from rcca_core.attention import RCCAOptions, RegionalCrossAttention, parse_blocks, region_bias, row_layout
 from rcca_core.masks import MaskPyramid
 from rcca_core.palette import Palette, PaletteError, RegionSpec
 
@@ -332,3 +332,90 @@ def test_uninstall_removes_the_hooks_and_restores_an_earlier_override():
     assert RegionalCrossAttention.installed_in(options) is None
     assert to["patches"]["attn2_patch"] == [other_patch] and to["patches"]["attn1_patch"] == []
     assert to["optimized_attention_override"] is earlier
+
+
+@pytest.mark.parametrize("rows, latents, armed, live, want", [
+    (2, 1, (0, 1), [0, 1], (0, 1)),                 # nothing expanded
+    (4, 1, (1, 0), [1, 0, 0, 0], (1, 0, 0, 0)),     # a couple kept the live list in step
+    (6, 2, (0, 1), [0, 0, 1], (0, 0, 1)),           # ... with two latents per chunk
+    (3, 1, (0,), [0], (0, 0, 0)),                   # cfg 1: every row is a prompt row, whatever expanded it
+    (2, 1, (0, 1), None, (0, 1)),                   # no live list: the layout armed with
+])
+def test_row_layout_follows_what_reaches_the_attention(rows, latents, armed, live, want):
+    assert row_layout(rows, latents, armed, live) == want
+
+
+def test_row_layout_refuses_an_expansion_it_cannot_attribute():
+    with pytest.raises(PaletteError, match=r"expanded this layer's batch from 2 rows .* to 3 rows without updating"):
+        row_layout(3, 1, (0, 1), [0, 1])
+    with pytest.raises(PaletteError, match="does not hold whole chunks"):
+        row_layout(3, 2, (0, 1), [0, 1])
+
+
+def couple_patch(regions: list[torch.Tensor], keep_list_in_step: bool):
+    """An attention couple's attn2_patch in miniature: each cond chunk becomes one chunk per couple prompt
+    (the tests read the expanded rows themselves, so there is no output patch folding them back)."""
+    def attn2_patch(n, context, value, extra):
+        cu = extra["cond_or_uncond"]
+        b = n.shape[0] // len(cu)
+        ns, cs = [], []
+        for i, kind in enumerate(list(cu)):
+            rows, ctx = n[i * b:(i + 1) * b], context[i * b:(i + 1) * b]
+            if kind == 1:
+                ns.append(rows), cs.append(ctx)
+            else:
+                ns += [rows] * len(regions)
+                cs += [r.expand(b, -1, -1) for r in regions]
+        if keep_list_in_step:
+            expanded = [k for kind in cu for k in ([kind] if kind == 1 else [0] * len(regions))]
+            cu[:] = expanded
+        cat = torch.cat(cs)
+        return torch.cat(ns), cat, cat
+
+    return attn2_patch
+
+
+@pytest.mark.parametrize("rcca_first", [True, False])
+def test_a_couple_that_keeps_cond_or_uncond_in_step_gets_rcca_on_every_prompt_row(rcca_first):
+    h, w = 6, 8
+    left, _ = halves()
+    layer, _, rcca, to = make([RegionSpec("a red fox", left)], mode="hard")
+    couples = [encode("peer one")[:, :5], encode("peer two")[:, :5]]
+    patch = couple_patch(couples, keep_list_in_step=True)
+    lst = to["patches"]["attn2_patch"]
+    lst.insert(len(lst) if rcca_first else 0, patch)
+    x = queries(2, h, w)
+    own = torch.cat([encode("bg")[:, :5], encode("blurry")[:, :5]])  # rows: uncond, cond
+    cu = [1, 0]
+    out = run_layer(layer, x, own, h, w, {**to, "cond_or_uncond": cu, "uuids": ["u", "c"]})
+    assert cu == [1, 0, 0]  # the couple's expansion reached the attention call
+    assert out.shape[0] == 3
+    torch.testing.assert_close(out[:1], plain(layer, x[:1], own[:1], h, w), atol=1e-6, rtol=0)  # uncond untouched
+    fox = plain(layer, x[1:], encode("a red fox"), h, w).view(h, w, -1)
+    for row, couple in zip(out[1:], couples):
+        row = row.view(h, w, -1)
+        torch.testing.assert_close(row[:, : w // 2], fox[:, : w // 2], atol=1e-5, rtol=0)  # RCCA's region
+        alone = plain(layer, x[1:], couple, h, w).view(h, w, -1)
+        torch.testing.assert_close(row[:, w // 2:], alone[:, w // 2:], atol=1e-5, rtol=0)  # the couple's own prompt
+
+
+def test_an_expansion_that_hides_the_uncond_rows_is_refused():
+    h, w = 4, 4
+    layer, _, rcca, to = make([RegionSpec("a red fox", torch.ones(24, 32))])
+    patch = couple_patch([encode("peer")[:, :5]] * 2, keep_list_in_step=False)
+    to["patches"]["attn2_patch"].append(patch)
+    own = torch.cat([encode("bg")[:, :5], encode("blurry")[:, :5]])
+    with pytest.raises(PaletteError, match="without updating transformer_options\\['cond_or_uncond'\\]"):
+        run_layer(layer, queries(2, h, w), own, h, w, {**to, "cond_or_uncond": [0, 1]})
+
+
+def test_an_attention_that_never_reaches_the_override_is_reported():
+    h, w = 4, 4
+    layer, _, rcca, to = make([RegionSpec("a red fox", torch.ones(24, 32))])
+    x = queries(1, h, w)
+    ignoring = {**to, "optimized_attention_override": None, "cond_or_uncond": [0]}  # like an attn2_replace
+    with pytest.raises(PaletteError, match=r"cannot act at cross-attention layer \('input', 1, 0\).*attn2_replace"):
+        run_layer(layer, x, encode("bg"), h, w, ignoring)
+    # after the error the hooks are clean: the next (unreplaced) call works
+    out = run_layer(layer, x, encode("bg"), h, w, {**to, "cond_or_uncond": [0]})
+    torch.testing.assert_close(out, plain(layer, x, encode("a red fox"), h, w), atol=1e-5, rtol=0)
