@@ -37,9 +37,10 @@ first word token is 1; ComfyUI splits prompts over 75 word tokens into windows o
 wrapped in start/end tokens and padded to 77, so word token k (0-based) is at
 ``(k // 75) * 77 + 1 + k % 75`` (``token_index``). For plain prompts this is what ComfyUI's
 SD1 tokenizer produces, a multi-token word split across two windows included (checked against
-its tokenize_with_weights). Not covered: ComfyUI's "(text:1.2)" emphasis and "embedding:"
-names (their syntax is not text the encoder sees, and ComfyUI moves a short weighted segment
-that does not fit a window whole to the next one).
+its tokenize_with_weights). ComfyUI's "(text:1.2)" / "(text)" emphasis and "embedding:"
+names are refused anywhere in the prompt (``check_plain_text``, before any parsing): their
+syntax is not text the encoder sees, so character and token spans would no longer match, and
+ComfyUI moves a short weighted segment that does not fit a window whole to the next one.
 """
 
 from __future__ import annotations
@@ -322,22 +323,40 @@ def find_subjects(prompt: str, subjects: Sequence[str]) -> list[Subject]:
     return sorted(found, key=lambda sub: sub.char_span)
 
 
+_EMBEDDING = re.compile(r"(?:^|[^\w])embedding:", re.IGNORECASE)
+
+
+def check_plain_text(text: str, what: str = "prompt") -> None:
+    """Refuse ComfyUI's prompt syntax that is not plain text: 'embedding:' names and emphasis
+    parentheses, wherever they appear (a weight inside a subject would split it into numbers)."""
+    if _EMBEDDING.search(text):
+        raise SubjectError(f"RCD prompts must be plain text: the {what} {text!r} uses a textual embedding "
+                           "('embedding:' name), which is not text the encoder sees; remove it")
+    if "(" in text or ")" in text:
+        raise SubjectError(f"RCD prompts must be plain text: the {what} {text!r} uses ComfyUI's emphasis "
+                           "('(text:1.2)' or '(text)'), which changes token weights and positions; remove the parentheses")
+
+
 def parse_subjects(prompt: str, subjects: Sequence[str] | None = None, parser: str = "rules") -> ParsedPrompt:
     """Subjects of a prompt, in prompt order, and the prompt to encode.
 
     Precedence: an explicit ``subjects`` list, else ``[bracketed]`` phrases in the prompt, else
     ``parser`` ("rules": the rule-based parser; "spacy": spaCy noun chunks, error if spaCy or
     en_core_web_sm is missing; "auto": spaCy when it loads, else rules). Raises SubjectError for
-    an empty prompt, a listed subject not in the prompt, brackets together with a list, bad
+    an empty prompt, ComfyUI emphasis or embedding syntax anywhere (check_plain_text), a listed
+    subject not in the prompt, brackets together with a list, bad
     brackets, or more than MAX_SUBJECTS subjects. Zero or one subject is returned as found.
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise SubjectError("the prompt is empty; RCD needs a prompt naming two or more subjects")
     if parser not in PARSERS:
         raise SubjectError(f"parser must be one of {PARSERS}, got {parser!r}")
+    check_plain_text(prompt)
     if subjects is not None:
         if isinstance(subjects, str):
             raise SubjectError("subjects must be a list of phrases, not one string")
+        for subject in subjects:
+            check_plain_text(subject, "subject")
         if "[" in prompt or "]" in prompt:
             raise SubjectError(f"give the subjects either as [brackets] in the prompt or as a list, not both: {prompt!r}")
         found = find_subjects(prompt, subjects)

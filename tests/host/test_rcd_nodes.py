@@ -170,7 +170,10 @@ def test_refiner_sdxl_refines_both_encoders_and_keeps_the_pooled_output(comfy_ho
     ("a black kitten and a white dog", "a purple giraffe", "not in the prompt"),
     ("a cat, a dog, a cow, a pig and a hen", "", "at most 4"),
     ("highly detailed, 8k", "", "no subject found"),
-    ("(a black kitten:1.2) and a white dog", "", "plain text"),
+    ("(a black kitten:1.2) and a white dog", "", "plain text.*emphasis"),
+    ("a black (kitten:1.2) and a white dog", "", "plain text.*emphasis"),
+    ("embedding:foo a black kitten and a white dog", "", "plain text.*embedding"),
+    ("a black kitten and a white dog", "(a white dog:1.1)", "plain text.*emphasis"),
     ("a [black kitten and a white dog", "", "not closed"),
 ])
 def test_refiner_bad_input_is_a_clear_error(comfy_host, tiny, prompt, subjects, match):

@@ -221,3 +221,25 @@ def test_spacy_noun_chunks():
     parsed = parse_subjects("a photo of a black kitten and a white dog on a red couch", parser="spacy")
     assert parsed.texts == ["a black kitten", "a white dog", "a red couch"]
     assert [s.noun for s in parsed] == ["kitten", "dog", "couch"]
+
+
+@pytest.mark.parametrize("prompt, kind", [
+    ("embedding:foo a black kitten and a white dog", "embedding"),
+    ("a black kitten and a white dog, embedding:bar", "embedding"),
+    ("a black kitten and a white dog,embedding:bar.pt", "embedding"),
+    ("a black (kitten:1.2) and a white dog", "emphasis"),
+    ("(a black kitten:1.2) and a white dog", "emphasis"),
+    ("a black kitten and a (white) dog", "emphasis"),
+    ("a [black (kitten)] and a [white dog]", "emphasis"),
+])
+def test_comfyui_prompt_syntax_is_refused_anywhere_before_parsing(prompt, kind):
+    for parser in ("rules", "auto"):
+        with pytest.raises(SubjectError, match=f"must be plain text.*{kind}"):
+            parse_subjects(prompt, parser=parser)
+
+
+def test_listed_subjects_are_checked_too():
+    with pytest.raises(SubjectError, match="the subject '\\(a white dog:1.1\\)'.*emphasis"):
+        parse_subjects("a black kitten and a white dog", ["a black kitten", "(a white dog:1.1)"])
+    # words that merely contain the identifier's letters are plain text
+    assert parse_subjects("an embedding expert and a white dog").texts == ["an embedding expert", "a white dog"]
