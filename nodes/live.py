@@ -9,10 +9,14 @@ ComfyUI's sampler (so the executor may load and unload models) and says "paused"
 
 Routes (JSON in and out; errors are {"error": message} with a 4xx status):
   POST /rcca/live/{session}/edit   {"regions_state": "<widget state>"}  -> {"seq": n}
+                                   {"base_seq": n, "regions_state": "<delta>"}  -> {"seq": n + 1}
   POST /rcca/live/{session}/stop                                        -> {"stopped": true}
   GET  /rcca/live/{session}                                             -> status
+A delta's masks may refer to edit n's (see rcca_core.palette_state); a base_seq that is not the
+last accepted edit gets 409 with "full_state_needed": true. Bodies over MAX_BODY get 413.
 Websocket events to the session's client: rcca.live.frame {session, frame, seq, fps, image}
 and rcca.live.status {session, state, reason, fps, frames, seq}.
+ComfyUI's Cancel (POST /interrupt) stops a streaming session too, with the reason CANCELLED.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ import time
 import torch
 from comfy_api.latest import io
 
-from ..rcca_core.live import SESSION_ID, DeviceGate, LiveRegistry, LiveSession
-from ..rcca_core.palette import Palette, PaletteError
-from ..rcca_core.palette_state import MAX_STATE_BYTES, decode_state
+from ..rcca_core.live import SESSION_ID, DeviceGate, LiveRegistry, LiveSession, StaleBase
+from ..rcca_core.palette import MAX_REGIONS, Palette, PaletteError
+from ..rcca_core.palette_state import MAX_STATE_BYTES, CanvasMismatch, read_state
 from ..rcca_core.stream import DEFAULT_LCM_INDICES
 from . import types
 from .palette import add_regions
@@ -38,7 +42,10 @@ from .stream_runtime import CFG_MODES, DECODES, StreamRuntime
 
 REGISTRY = LiveRegistry()
 GATE = DeviceGate()
-MAX_BODY = MAX_STATE_BYTES + 64 * 1024
+MAX_BODY = MAX_STATE_BYTES + 64 * 1024  # the state plus the JSON around it
+# bounds the float32 masks one edit may decode (256 MiB): 16 regions at 2048 x 2048
+MAX_EDIT_PIXELS = MAX_REGIONS * 2048 * 2048
+CANCELLED = "stopped by Cancel (ComfyUI's interrupt)"
 TICKS_PER_RUN = 500  # leave the sampler now and then: re-check the queue and release ComfyUI's run state
 TICKS_PER_TURN = 4  # when several clients stream, each runs at least this many ticks per turn
 log = logging.getLogger("rcca_palette.live")
@@ -64,6 +71,7 @@ class LiveRunner:
         self.seq, self.condition = 0, runtime.condition(palette)
         self._pending_edit: tuple | None = None
         self._seq_of_frame: dict[int, int] = {}
+        self._refused = False  # the widget shows a refusal until an edit applies again
 
     # -- prompts and states -------------------------------------------------------------------
     def _encode(self, text: str) -> torch.Tensor:
@@ -85,7 +93,12 @@ class LiveRunner:
                                     self.palette.height, self._encode, drawn=len(specs))
             self.seq, self.condition = seq, self.runtime.condition(palette)
         except (PaletteError, ValueError) as e:  # keep streaming the last good state
-            self._status("running", f"edit {seq} refused: {e}")
+            self._refused = True
+            self._status("running", f"edit {seq} refused: {e}; still showing edit {self.seq}")
+            return
+        if self._refused:
+            self._refused = False
+            self._status("running")
 
     # -- frames -------------------------------------------------------------------------------
     def _emit(self, frame: int, x0: torch.Tensor) -> torch.Tensor:
@@ -175,8 +188,11 @@ class LiveRunner:
                 finally:
                     GATE.leave(self.session.id)
         except Exception as e:  # noqa: BLE001 - report any failure to the client, then end the session
-            log.exception("live session %s failed", self.session.id)
-            self.session.stop(f"error: {type(e).__name__}: {e}")
+            if _is_interrupt(e):
+                self.session.stop(CANCELLED)
+            else:
+                log.exception("live session %s failed", self.session.id)
+                self.session.stop(f"error: {type(e).__name__}: {e}")
         finally:
             GATE.forget(self.session.id)
             REGISTRY.remove(self.session)
@@ -243,12 +259,18 @@ class LiveStream(io.ComfyNode):
         palette_node = str(source[0]) if isinstance(source, list) and source else None
         latent_shape = (model.model.latent_format.latent_channels, palette.height // 8, palette.width // 8)
         runtime = StreamRuntime(model, positive, negative, latent_shape, timesteps, schedule_steps, seed, region_mode,
-                                cfg_mode, cfg, "eager", decode, [palette], vae)
+                                cfg_mode, cfg, "eager", decode, [palette], vae, node="Live Stream")
         session = LiveSession(server.client_id, idle_timeout, info={
-            "node": unique_id, "palette_node": palette_node, "width": palette.width, "height": palette.height})
+            "node": unique_id, "palette_node": palette_node, "width": palette.width, "height": palette.height,
+            "chained_regions": len(palette.regions) - palette.drawn})
         runner = LiveRunner(session, runtime, server, clip, palette, jpeg_quality)
         REGISTRY.start(session)
-        first = runner.first_frame()
+        try:
+            first = runner.first_frame()
+        except BaseException:  # no worker will ever remove it: edits would be accepted and go nowhere
+            session.stop("the first frame failed")
+            REGISTRY.remove(session)
+            raise
         threading.Thread(target=runner.run, name=f"rcca-live-{session.id[:8]}", daemon=True).start()
         ui = {"rcca_live": [{"session": session.id, "palette_node": palette_node, "width": palette.width,
                              "height": palette.height}]}
@@ -263,10 +285,68 @@ def _server():
     return getattr(PromptServer, "instance", None)
 
 
-def _error(status: int, message: str):
+def _is_interrupt(e: BaseException) -> bool:
+    try:
+        from comfy.model_management import InterruptProcessingException
+    except ImportError:
+        return False
+    return isinstance(e, InterruptProcessingException)
+
+
+def _error(status: int, message: str, **extra):
     from aiohttp import web
 
-    return web.json_response({"error": message}, status=status)
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str, **extra) -> None:
+        super().__init__(message)
+        self.status, self.extra = status, extra
+
+
+async def _read_body(request, limit: int) -> bytearray | None:
+    """The body, or None when it is over `limit` bytes. aiohttp's read(n) returns whatever has
+    arrived (not n bytes), and request.read() obeys the server-wide client_max_size instead."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return body
+
+
+def _decode_edit(session: LiveSession, body: bytearray) -> int:
+    """Validate and decode one edit body, queue it; returns its seq. Runs off the event loop."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _Refused(400, 'edit body must be JSON: {"regions_state": "..."} or {"base_seq": n, "regions_state": "..."} '
+                            f"({e})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("regions_state"), str):
+        raise _Refused(400, "edit body must be an object whose 'regions_state' is a string (the palette widget's state)")
+    base_seq = payload.get("base_seq")
+    if base_seq is not None and (not isinstance(base_seq, int) or isinstance(base_seq, bool)):
+        raise _Refused(400, f"'base_seq' must be the whole number an earlier edit answered (its seq), got {base_seq!r}; "
+                            "leave it out to send the full state")
+    canvas = (session.info.get("width"), session.info.get("height"))
+    try:
+        base = session.base(base_seq) if base_seq is not None else None
+        state = read_state(payload["regions_state"], canvas=canvas, base=base, max_pixels=MAX_EDIT_PIXELS)
+        if not state.specs and not session.info.get("chained_regions"):
+            raise _Refused(400, "the drawing has no region to render (every region was removed, or none has a prompt); "
+                                "the stream keeps showing the last drawing: add a region with a prompt")
+        return session.edit(state.specs, base_seq=base_seq, kept=state.masks)
+    except StaleBase as e:
+        raise _Refused(409, str(e), full_state_needed=True) from None
+    except CanvasMismatch as e:
+        raise _Refused(409, str(e)) from None
+    except PaletteError as e:
+        raise _Refused(400, str(e)) from None
+    except RuntimeError as e:  # the session stopped meanwhile
+        raise _Refused(409, str(e)) from None
 
 
 def _session_or_error(request):
@@ -285,29 +365,15 @@ async def edit_route(request):
     session, error = _session_or_error(request)
     if error:
         return error
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        return _error(413, f"edit body is larger than {MAX_BODY // 2**20} MiB")
-    body = await request.content.read(MAX_BODY + 1)
-    if len(body) > MAX_BODY:
-        return _error(413, f"edit body is larger than {MAX_BODY // 2**20} MiB")
+    body = await _read_body(request, MAX_BODY)
+    if body is None:
+        return _error(413, f"edit body is larger than {MAX_STATE_BYTES // 2**20} MiB (+{(MAX_BODY - MAX_STATE_BYTES) // 1024} KiB "
+                           "of JSON around the state); send a delta against the last accepted edit (base_seq), "
+                           "fewer regions or a smaller canvas")
     try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return _error(400, "edit body must be JSON: {\"regions_state\": \"...\"}")
-    if not isinstance(payload, dict) or not isinstance(payload.get("regions_state"), str):
-        return _error(400, "edit body must be an object whose 'regions_state' is a string (the palette widget's state)")
-    try:
-        width, height, specs = await asyncio.get_running_loop().run_in_executor(None, decode_state, payload["regions_state"])
-    except PaletteError as e:
-        return _error(400, str(e))
-    canvas = (session.info.get("width"), session.info.get("height"))
-    if specs and (width, height) != canvas:
-        return _error(409, f"the drawing is {width} x {height} but this live session renders {canvas[0]} x {canvas[1]}; "
-                           "restart live after changing the canvas size")
-    try:
-        seq = session.edit(specs)
-    except RuntimeError as e:
-        return _error(409, str(e))
+        seq = await asyncio.get_running_loop().run_in_executor(None, _decode_edit, session, body)
+    except _Refused as e:
+        return _error(e.status, str(e), **e.extra)
     return web.json_response({"seq": seq})
 
 

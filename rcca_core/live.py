@@ -6,6 +6,10 @@ pending one (memory stays bounded however fast the user draws) and gets the next
 number; frames carry the sequence number of the state they were rendered with, which is how
 the client sees when an edit reached the screen. A session stops on request, when its client
 disconnects, after an idle timeout without edits, or on an error.
+
+The session also keeps what the last accepted edit decoded to (`kept`), so the next edit may be
+a delta against it: the client names that edit's sequence number as its base, and an edit based
+on anything else is refused (StaleBase) so the client resends the whole drawing.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from typing import Any, Callable
 SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
+class StaleBase(RuntimeError):
+    """A delta edit names a base that is not the session's last accepted edit."""
+
+
 class LiveSession:
     def __init__(self, client_id: str, idle_timeout: float = 120.0, clock: Callable[[], float] = time.monotonic,
                  info: dict | None = None) -> None:
@@ -31,6 +39,7 @@ class LiveSession:
         self._lock = threading.Lock()
         self._pending: tuple[int, Any] | None = None
         self._seq = 0
+        self._kept: Any = None  # what the last accepted edit decoded to (the base of a delta)
         self._last_activity = clock()
         self._stop_reason: str | None = None
         self._frame_times: deque[float] = deque(maxlen=30)
@@ -38,15 +47,32 @@ class LiveSession:
         self.state = "starting"
 
     # -- edits (web server thread) ----------------------------------------------------------
-    def edit(self, payload: Any) -> int:
-        """Queue a new palette state; a pending one is replaced. Returns its sequence number."""
+    def edit(self, payload: Any, base_seq: int | None = None, kept: Any = None) -> int:
+        """Queue a new palette state; a pending one is replaced. Returns its sequence number.
+        `base_seq`: the edit this one was decoded against (a delta); StaleBase if another edit was
+        accepted since, checked under the lock because deltas decode outside it. `kept`: what the
+        next delta may refer to."""
         with self._lock:
             if self._stop_reason is not None:
                 raise RuntimeError(f"session stopped ({self._stop_reason})")
+            if base_seq is not None and (base_seq != self._seq or self._kept is None):
+                raise StaleBase(self._stale_message(base_seq))
             self._seq += 1
             self._pending = (self._seq, payload)
+            self._kept = kept
             self._last_activity = self._clock()
             return self._seq
+
+    def base(self, base_seq: int) -> Any:
+        """What edit `base_seq` decoded to; StaleBase unless it is the last accepted edit."""
+        with self._lock:
+            if base_seq != self._seq or self._kept is None:
+                raise StaleBase(self._stale_message(base_seq))
+            return self._kept
+
+    def _stale_message(self, base_seq: int) -> str:
+        last = f"the last accepted edit is {self._seq}" if self._kept is not None else "no edit was accepted yet"
+        return f"base_seq {base_seq} is not the last accepted edit of this session ({last}); send the full state, without base_seq"
 
     def touch(self) -> None:
         with self._lock:

@@ -283,7 +283,8 @@ export class PaletteCanvas {
     this.redoStack = [];
     this.background = null; // ImageBitmap, display only: never saved
     this.stroke = null;
-    this.liveSend = { inflight: false, again: false, lastAt: 0 };
+    // baseSession/baseSeq: the last edit the session accepted from this widget (deltas refer to it)
+    this.liveSend = { inflight: false, again: false, lastAt: 0, baseSession: null, baseSeq: null };
     this.textTimer = null;
     this.resizeTimer = null;
     this.error = "";
@@ -434,6 +435,11 @@ export class PaletteCanvas {
       canvas: canvas ?? makeCanvas(this.width, this.height),
       tint: makeCanvas(this.width, this.height),
       dataUrl, // cached PNG of `canvas`; null when the canvas changed since
+      // live deltas: where this region was in an accepted edit, {session, seq, index} (a delta may refer
+      // to it only while that edit is the session's last), and what changed since it was sent: null
+      // nothing, a box {x0, y0, x1, y1}, or "all"
+      base: null,
+      dirty: null,
     };
     this.retint(r);
     return r;
@@ -525,8 +531,9 @@ export class PaletteCanvas {
     ctx.strokeStyle = ctx.fillStyle = "#fff";
     ctx.lineWidth = this.tool.size;
     this.stroke = { region: r, before: copyCanvas(r.canvas), layer: strokeLayer, ctx, last: this.toImage(e),
-                    opacity: this.tool.opacity, eraser: this.tool.eraser };
+                    opacity: this.tool.opacity, eraser: this.tool.eraser, box: null };
     const [x, y] = this.stroke.last;
+    this.growStrokeBox(x, y);
     ctx.beginPath();
     ctx.arc(x, y, this.tool.size / 2, 0, Math.PI * 2);
     ctx.fill();
@@ -543,6 +550,7 @@ export class PaletteCanvas {
     ctx.moveTo(last[0], last[1]);
     ctx.lineTo(p[0], p[1]);
     ctx.stroke();
+    this.growStrokeBox(p[0], p[1]);
     this.stroke.last = p;
     this.applyStroke();
     this.sendLive(false);
@@ -558,9 +566,17 @@ export class PaletteCanvas {
     this.commit();
   }
 
+  /** The stroke's bounding box so far, with a margin for the brush's antialiased edge. */
+  growStrokeBox(x, y) {
+    const m = this.tool.size / 2 + 2;
+    const b = this.stroke.box;
+    this.stroke.box = b ? { x0: Math.min(b.x0, x - m), y0: Math.min(b.y0, y - m), x1: Math.max(b.x1, x + m), y1: Math.max(b.y1, y + m) }
+      : { x0: x - m, y0: y - m, x1: x + m, y1: y + m };
+  }
+
   /** Mask = the copy taken at stroke start, then the stroke layer at the brush opacity. */
   applyStroke() {
-    const { region, before, layer, opacity, eraser } = this.stroke;
+    const { region, before, layer, opacity, eraser, box } = this.stroke;
     const ctx = region.canvas.getContext("2d");
     ctx.save();
     ctx.globalCompositeOperation = "copy";
@@ -569,7 +585,7 @@ export class PaletteCanvas {
     ctx.globalAlpha = opacity;
     ctx.drawImage(layer, 0, 0);
     ctx.restore();
-    this.touched(region);
+    this.touched(region, box); // the mask outside the box is still the copy taken at stroke start
   }
 
   clear() {
@@ -596,8 +612,13 @@ export class PaletteCanvas {
     this.commit();
   }
 
-  touched(region) {
+  /** The region's mask changed (within `box`, or anywhere). */
+  touched(region, box = null) {
     region.dataUrl = null;
+    const d = region.dirty;
+    region.dirty = !box || d === "all" ? "all"
+      : d ? { x0: Math.min(d.x0, box.x0), y0: Math.min(d.y0, box.y0), x1: Math.max(d.x1, box.x1), y1: Math.max(d.y1, box.y1) }
+        : { ...box };
     this.retint(region);
     this.scheduleRender();
   }
@@ -716,15 +737,16 @@ export class PaletteCanvas {
   }
 
   // ---- state <-> regions_state ----------------------------------------------------------------
-  /** The state as an object, in exactly the format of rcca_core/palette_state.py. */
-  state() {
+  /** The state as an object, in exactly the format of rcca_core/palette_state.py. `maskRef(region)`
+   * may give a live delta's reference instead of a region's PNG (null: the PNG). */
+  state(maskRef = () => null) {
     return {
       version: STATE_VERSION,
       width: this.width,
       height: this.height,
       regions: this.regions.map((r) => ({
         name: r.name, color: r.color, prompt: r.prompt, negative: r.negative, opacity: r.opacity,
-        mask: (r.dataUrl ??= r.canvas.toDataURL("image/png")),
+        mask: maskRef(r) ?? (r.dataUrl ??= r.canvas.toDataURL("image/png")),
       })),
     };
   }
@@ -937,7 +959,10 @@ export class PaletteCanvas {
   }
 
   /** POST the state to the live session: always at a stroke's end (force), at most every
-   * LIVE_EDIT_INTERVAL_MS during it; never two requests at once, and the newest state always goes last. */
+   * LIVE_EDIT_INTERVAL_MS during it; never two requests at once, and the newest state always goes last.
+   * The first edit of a session carries the whole state; later ones are deltas against the last
+   * accepted edit (README, "Live drawing"): unchanged masks as references, a stroke as the PNG of its
+   * bounding box. Any refusal or failure makes the next edit whole again. */
   sendLive(force) {
     const rec = this.live, send = this.liveSend;
     if (!rec.session) return;
@@ -950,8 +975,11 @@ export class PaletteCanvas {
     send.inflight = true;
     send.lastAt = now;
     const session = rec.session;
-    // mid-stroke the widget value is not rewritten yet; send the drawing as it is now
-    const body = JSON.stringify({ regions_state: this.stroke ? JSON.stringify(this.state()) : this.value() });
+    const baseSeq = send.baseSession === session ? send.baseSeq : null;
+    const sent = this.regions.slice();
+    const body = baseSeq == null ? JSON.stringify({ regions_state: JSON.stringify(this.state()) })
+      : this.deltaEditBody(session, baseSeq);
+    for (const r of sent) r.dirty = null; // from now on, changes count against this edit
     api.fetchApi(`/rcca/live/${session}/edit`, { method: "POST", headers: { "Content-Type": "application/json" }, body })
       .then(async (res) => {
         const reply = await res.json().catch(() => ({}));
@@ -959,12 +987,22 @@ export class PaletteCanvas {
         if (res.ok) {
           rec.lastEditSeq = reply.seq;
           rec.error = "";
-        } else {
-          rec.error = `edit refused: ${reply.error ?? `HTTP ${res.status}`}`;
-          if (res.status === 404) { rec.session = null; rec.state = "stopped"; }
+          Object.assign(send, { baseSession: session, baseSeq: reply.seq });
+          sent.forEach((r, index) => { r.base = { session, seq: reply.seq, index }; });
+          return;
         }
+        send.baseSeq = null;
+        if (res.status === 409 && reply.full_state_needed) {
+          send.again = true; // the server lost track of our base (another edit came in): resend it whole
+          return;
+        }
+        rec.error = `edit refused: ${reply.error ?? `HTTP ${res.status}`}`;
+        if (res.status === 404) Object.assign(rec, { session: null, state: "stopped", reason: "" });
       })
-      .catch((e) => { rec.error = `edit failed: ${e.message}`; })
+      .catch((e) => {
+        send.baseSeq = null;
+        rec.error = `edit failed: ${e.message}`;
+      })
       .finally(() => {
         send.inflight = false;
         this.renderLive();
@@ -973,6 +1011,26 @@ export class PaletteCanvas {
           this.sendLive(true);
         }
       });
+  }
+
+  deltaEditBody(session, baseSeq) {
+    const state = this.state((r) => {
+      // a region removed, then brought back by undo, may hold the place it had in an older edit
+      if (r.base?.session !== session || r.base.seq !== baseSeq || r.dirty === "all") return null;
+      const patch = r.dirty && this.maskPatch(r, r.dirty);
+      return patch ? { base: r.base.index, patch } : { base: r.base.index };
+    });
+    return JSON.stringify({ base_seq: baseSeq, regions_state: JSON.stringify(state) });
+  }
+
+  /** The part of a region's mask inside `box` (clipped to the canvas), as the server's patch. */
+  maskPatch(r, box) {
+    const x0 = Math.max(0, Math.floor(box.x0)), y0 = Math.max(0, Math.floor(box.y0));
+    const x1 = Math.min(this.width, Math.ceil(box.x1)), y1 = Math.min(this.height, Math.ceil(box.y1));
+    if (x1 <= x0 || y1 <= y0) return null; // painted outside the canvas: nothing changed
+    const c = makeCanvas(x1 - x0, y1 - y0);
+    c.getContext("2d").drawImage(r.canvas, x0, y0, x1 - x0, y1 - y0, 0, 0, x1 - x0, y1 - y0);
+    return { x: x0, y: y0, png: c.toDataURL("image/png") };
   }
 
   renderLive() {
@@ -1000,7 +1058,9 @@ export class PaletteCanvas {
     const notes = [];
     if (unprompted.length) notes.push(`${unprompted.map((r) => r.name).join(", ")}: painted but no prompt`);
     if (!parts.length) parts.push(`${this.regions.length} region${this.regions.length === 1 ? "" : "s"} · ${this.width} x ${this.height}`);
-    const errors = [rec.error, this.error, this.loadError, ...notes].filter(Boolean);
+    // a running session's reason is an edit the worker refused (it keeps showing the last good one)
+    const refused = rec.session && rec.state === "running" ? rec.reason : "";
+    const errors = [rec.error, refused, this.error, this.loadError, ...notes].filter(Boolean);
     this.status.replaceChildren(el("span", { text: parts.join(" · ") }),
                                 ...errors.map((t) => el("span", { class: "rcca-error", text: ` · ${t}` })));
     this.status.title = this.status.textContent;

@@ -368,6 +368,11 @@ def test_live_events_drive_the_widget(page, browser_server):
     api_call(page, f"""(api) => api.dispatchEvent(new CustomEvent('rcca.live.status', {{ detail:
         {{ session: '{session}', state: 'paused', reason: 'the queue is running', fps: 0, frames: 4, seq: 2 }} }}))""")
     assert "paused: the queue is running" in page.locator(".rcca-pal .rcca-status").inner_text()
+    # an edit the worker refused (the stream keeps the last good one) shows until a running status clears it
+    for reason, shown in (("edit 3 refused: a reason; still showing edit 2", True), (None, False)):
+        api_call(page, f"""(api) => api.dispatchEvent(new CustomEvent('rcca.live.status', {{ detail:
+            {{ session: '{session}', state: 'running', reason: {json.dumps(reason)}, fps: 1, frames: 5, seq: 3 }} }}))""")
+        assert ("edit 3 refused: a reason" in page.locator(".rcca-pal .rcca-status").inner_text()) == shown
     # an edit to an unknown session is refused by the server: the error shows in the widget
     stroke_needs_region(page)
     wait_for(page, "() => /edit refused|edit failed/.test(document.querySelector('.rcca-pal .rcca-status').textContent)")
@@ -422,6 +427,7 @@ def test_live_frames_follow_edits(page, browser_server, live_available, decode):
         pytest.skip("RCCALiveStream not available yet")
     build(page, browser_server.ckpt_name, live=True)
     add_region_in_ui(page, "fox", "a red fox")
+    record_edits(page)
     t0 = time.monotonic()
     start_live(page, browser_server)
     started = time.monotonic() - t0
@@ -437,10 +443,77 @@ def test_live_frames_follow_edits(page, browser_server, live_available, decode):
     status = page.locator(".rcca-pal .rcca-status").inner_text()
     assert "live: running" in status or "live: paused" in status, status
     assert "error" not in status.lower() and "refused" not in status, status
+    check_later_edits_are_deltas(page)
+    check_a_stale_base_makes_the_widget_resend_the_whole_drawing(page, browser_server)
+    # removing every region: the server refuses the edit, the widget says why, the last drawing keeps streaming
+    page.evaluate("() => { const c = rccaTest.palette().rccaCanvas; c.removeRegion(1); c.removeRegion(0); }")
+    wait_for(page, "() => document.querySelector('.rcca-pal .rcca-status').textContent.includes('no region to render')")
+    assert page.evaluate("() => rccaTest.palette().rccaCanvas.session") is not None
     # stop: the server confirms through a status event
     page.locator(".rcca-pal button.rcca-live-toggle").click()
     wait_for(page, "() => rccaTest.palette().rccaCanvas.session === null && rccaTest.palette().rccaCanvas.liveState === 'stopped'")
     print(f"live: first frames after {started:.1f}s, {last['fps']} frames/s")
+
+
+def record_edits(page):
+    page.evaluate("""async () => {
+        const api = await rccaTest.api(), fetchApi = api.fetchApi.bind(api);
+        window.rccaEdits = [];
+        api.fetchApi = async (url, options) => {
+            const res = await fetchApi(url, options);
+            if (url.endsWith('/edit')) window.rccaEdits.push({ body: options.body, status: res.status });
+            return res;
+        };
+    }""")
+
+
+def check_later_edits_are_deltas(page):
+    """After the session's first edit the widget sends deltas; replayed through the server's decoder
+    they rebuild exactly the drawing the widget saved. Needs record_edits from before the first edit."""
+    from rcca_core.palette_state import read_state
+
+    add_region_in_ui(page, "car", "a blue car")  # a new region: sent as a PNG, the fox as a reference
+    stroke(page, [(150, 150), (190, 170)])
+    page.evaluate("() => rccaTest.palette().rccaCanvas.selectRegion(0)")
+    stroke(page, [(60, 200), (90, 210)])  # the fox again: only the stroke's box travels
+    wait_for(page, """() => { const c = rccaTest.palette().rccaCanvas;
+        return !c.liveSend.inflight && (c.lastEditSeq === window.rccaEdits.length || window.rccaEdits.some((e) => e.status !== 200)); }""",
+             timeout=30_000)
+    edits = page.evaluate("() => window.rccaEdits")
+    assert all(e["status"] == 200 for e in edits), [e["status"] for e in edits]
+    bodies = [json.loads(e["body"]) for e in edits]
+    assert "base_seq" not in bodies[0] and all("base_seq" in b for b in bodies[1:]), \
+        "the session's first edit is whole, every later one a delta"
+    last = json.loads(bodies[-1]["regions_state"])
+    assert last["regions"][1]["mask"] == {"base": 1} and set(last["regions"][0]["mask"]) == {"base", "patch"}, last
+    assert len(edits[-1]["body"]) < 4096, len(edits[-1]["body"])
+    base = None
+    for b in bodies:
+        base = read_state(b["regions_state"], base=base.masks if base else None)
+    saved = read_state(state_text(page))
+    assert [r.prompt for r in base.specs] == [r.prompt for r in saved.specs] == ["a red fox", "a blue car"]
+    for got, want in zip(base.masks, saved.masks):
+        assert torch.equal(got, want)
+
+
+def check_a_stale_base_makes_the_widget_resend_the_whole_drawing(page, server):
+    """Another client's edit moves the session on: the widget's next delta gets 409 and it resends the whole drawing."""
+    import urllib.request
+
+    session = page.evaluate("() => rccaTest.palette().rccaCanvas.session")
+    req = urllib.request.Request(f"{server.url}/rcca/live/{session}/edit", method="POST",
+                                 data=json.dumps({"regions_state": state_text(page)}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.status == 200
+    page.evaluate("() => { window.rccaEdits = []; }")
+    stroke(page, [(100, 100), (120, 110)])
+    wait_for(page, "() => !rccaTest.palette().rccaCanvas.liveSend.inflight && window.rccaEdits.at(-1)?.status === 200",
+             timeout=30_000)
+    edits = page.evaluate("() => window.rccaEdits")
+    assert [e["status"] for e in edits[:2]] == [409, 200] and all(e["status"] == 200 for e in edits[1:]), edits
+    assert "base_seq" in json.loads(edits[0]["body"]) and "base_seq" not in json.loads(edits[1]["body"])
+    assert "refused" not in page.locator(".rcca-pal .rcca-status").inner_text()
 
 
 def test_screenshot_for_docs(page, browser_server, live_available):

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from rcca_core.live import SESSION_ID, DeviceGate, LiveRegistry, LiveSession
+from rcca_core.live import SESSION_ID, DeviceGate, LiveRegistry, LiveSession, StaleBase
 
 
 class Clock:
@@ -25,6 +25,22 @@ def test_edits_replace_pending_ones_and_number_in_order():
     s.stop("stopped by the user")
     with pytest.raises(RuntimeError, match="stopped"):
         s.edit("c")
+
+
+def test_a_delta_must_be_based_on_the_last_accepted_edit():
+    s = LiveSession("client", clock=Clock())
+    with pytest.raises(StaleBase, match="no edit was accepted yet"):
+        s.base(0)  # the queued drawing is no base: the first edit is always whole
+    assert s.edit("a", kept="masks of 1") == 1
+    assert s.base(1) == "masks of 1"
+    assert s.edit("b", base_seq=1, kept="masks of 2") == 2
+    with pytest.raises(StaleBase, match="base_seq 1 is not the last accepted edit of this session .the last accepted edit is 2"):
+        s.base(1)
+    # two deltas decoded against edit 2 at once: the second one to arrive is refused, not applied
+    assert s.edit("c", base_seq=2, kept="masks of 3") == 3
+    with pytest.raises(StaleBase):
+        s.edit("d", base_seq=2, kept="masks of 4")
+    assert s.take_edit() == (3, "c") and s.base(3) == "masks of 3"
 
 
 def test_idle_timeout_counts_from_the_last_edit():
