@@ -84,7 +84,7 @@ class RCCAAttentionPatch(io.ComfyNode):
                 types.Palette.Input("palette"),
                 types.MaskPyramid.Input("pyramid", optional=True, tooltip="From Mask Pyramid; built on first use if absent."),
                 io.Combo.Input("mode", options=list(ATTENTION_MODES), default="soft",
-                               tooltip="soft: bias log(coverage), soft masks blend prompts ('50 % dog'); "
+                               tooltip="soft: each prompt gets its coverage as its share of the attention, so opacity blends ('50 % dog'); "
                                        "hard: a pixel attends only to prompts covering it by at least 0.5."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Apply from this point of the schedule (0 = first step)."),
@@ -92,12 +92,17 @@ class RCCAAttentionPatch(io.ComfyNode):
                                tooltip="Apply until this point (1 = last step); outside, the background prompt alone drives cross-attention."),
                 io.String.Input("blocks", default="all",
                                 tooltip="'all' or a comma list of input / middle / output, each optionally ':id' (e.g. 'input, middle, output:3')."),
+                io.Float.Input("self_attention_until", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Until this point of the schedule, self-attention also keeps to regions: a pixel "
+                                       "looks at pixels of its own region (soft masks: weighted by the chance to share "
+                                       "one). Keeps objects from spilling while the layout forms; 0 = off."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, palette, mode, start_percent, end_percent, blocks, pyramid=None) -> io.NodeOutput:
+    def execute(cls, model, palette, mode, start_percent, end_percent, blocks, pyramid=None,
+                self_attention_until=0.0) -> io.NodeOutput:
         check_supported(model)
         context_dim = model.model.model_config.unet_config.get("context_dim")
         if context_dim is not None and palette.context_dim != context_dim:
@@ -115,7 +120,9 @@ class RCCAAttentionPatch(io.ComfyNode):
         sampling = model.get_model_object("model_sampling")
         options = RCCAOptions(mode=mode, blocks=parse_blocks(blocks),
                               sigma_start=float("inf") if start_percent <= 0.0 else float(sampling.percent_to_sigma(start_percent)),
-                              sigma_end=float(sampling.percent_to_sigma(end_percent)))
+                              sigma_end=float(sampling.percent_to_sigma(end_percent)),
+                              self_sigma_end=float(sampling.percent_to_sigma(self_attention_until))
+                              if self_attention_until > 0.0 else float("inf"))
         patched = model.clone()
         previous = patched.model_options.get("transformer_options", {}).get("optimized_attention_override")
         layers = cross_attention_layers(patched.get_model_object("diffusion_model"))

@@ -6,10 +6,12 @@ pixel attend only to the prompts that cover it:
     Attention = softmax(Q K^T / sqrt(d) + B) V,   B[p, token of prompt r] = log M_r(p)
 
 with M_0 = clip(1 - sum_r M_r, 0, 1) for the background (block 0: the sampler's own positive
-context). Soft mode uses log M (coverage at or below eps counts as none, -inf); hard mode
-uses 0 where M >= 0.5 and -inf elsewhere. A row left with no finite entry falls back to
-block 0, so softmax never sees an all -inf row (no NaN). Self-attention and convolutions
-stay unmasked, so regions still see each other and blend.
+context). Soft mode uses log M (coverage at or below eps counts as none, -inf) minus, where a
+pixel reads several prompts, log Z_r = log sum over r's tokens of exp(q k / sqrt(d)), so each
+prompt's share of the attention is exactly M_r (normalize_block_mass); hard mode uses 0 where
+M >= 0.5 and -inf elsewhere. A row left with no finite entry falls back to block 0, so softmax
+never sees an all -inf row (no NaN). Self-attention stays unmasked (so regions still see each
+other and blend) unless self_sigma_end asks it to keep to regions in the early steps.
 
 `RegionalCrossAttention` plugs this into a UNet that follows ComfyUI's transformer-options
 protocol (attn1/attn2 patch lists and `optimized_attention_override`) without importing it.
@@ -40,6 +42,8 @@ class RCCAOptions:
     blocks: frozenset[tuple[str, int | None]] | None = None  # None: every cross-attention layer
     sigma_start: float = math.inf  # active while sigma_end <= sigma <= sigma_start
     sigma_end: float = 0.0
+    normalize: bool = True  # soft mode: each prompt's attention mass is exactly its coverage (normalize_block_mass)
+    self_sigma_end: float = math.inf  # self-attention keeps to regions while sigma >= this (inf: never)
 
     def __post_init__(self) -> None:
         if self.mode not in ATTENTION_MODES:
@@ -121,6 +125,44 @@ def region_bias(weights: torch.Tensor, token_counts: Sequence[int], mode: str = 
     return blocks.transpose(1, 2).repeat_interleave(counts, dim=-1).contiguous()
 
 
+def normalize_block_mass(q: torch.Tensor, k: torch.Tensor, heads: int, bias: torch.Tensor,
+                         block_ids: torch.Tensor, blocks: int, other_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft-mode bias (B, hw, L) -> (B, heads, hw, L) whose softmax gives each block exactly the
+    mass its coverage says.
+
+    With B = log M_r alone, block r gets mass M_r Z_r / sum_s M_s Z_s, where Z_r = sum over r's
+    tokens of exp(q k / sqrt(d)): a prompt whose keys match the pixel better wins whatever the
+    opacity, so a 50 % brush shows one prompt or the other. Subtracting log Z_r (per head and
+    pixel) leaves mass M_r / sum_s M_s = M_r: the attention output becomes the coverage-weighted
+    mix of each prompt's own attention, linear in opacity. Where one block is active (painted at
+    100 %, or background) the shift is a constant of the row and changes nothing.
+    q (B, hw, heads*d) or (B, heads, hw, d); k likewise over L tokens; block_ids (B or 1, L);
+    other_mask: another patch's float mask over the same tokens (B, hw, L), part of the logits.
+    """
+    if q.ndim == 3:
+        b, n, inner = q.shape
+        d = inner // heads
+        q = q.reshape(b, n, heads, d).transpose(1, 2)
+        k = k.reshape(k.shape[0], k.shape[1], heads, d).transpose(1, 2)
+    d = q.shape[-1]
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * d ** -0.5  # (B, heads, hw, L)
+    logits = logits + torch.where(torch.isinf(bias), bias, torch.zeros((), device=bias.device))[:, None].float()
+    if other_mask is not None:
+        logits = logits + other_mask[:, None].float()
+    top = logits.amax(dim=-1, keepdim=True).clamp_min(-1e30)
+    ids = block_ids[:, None, None, :].expand(logits.shape)
+    sums = torch.zeros(*logits.shape[:-1], blocks + 1, device=logits.device).scatter_add_(-1, ids, (logits - top).exp())
+    log_z = sums.clamp_min(1e-30).log()  # (B, heads, hw, blocks + 1), relative to the row max
+    active = sums > 0
+    # a row with one active block needs no shift (a row constant): keep its bias exactly, as hard
+    # partitions and full-canvas regions must reproduce plain attention bit for bit
+    mixed = active.sum(-1, keepdim=True) > 1
+    log_z = torch.where(active, log_z - log_z.masked_fill(~active, float("-inf")).amax(-1, keepdim=True), 0.0)
+    shift = torch.where(mixed, log_z, torch.zeros((), device=log_z.device)).gather(-1, ids)
+    out = bias[:, None].float() - shift
+    return out if other_mask is None else out + other_mask[:, None].float()
+
+
 def cross_attention_layers(unet: torch.nn.Module) -> dict[LayerKey, torch.nn.Module]:
     """The attn2 modules of a ComfyUI-style UNet (input_blocks / middle_block / output_blocks),
     keyed as its forward names them in transformer_options: (kind, block id, transformer index)."""
@@ -188,6 +230,17 @@ class PreparedPalette:
     @property
     def extra_tokens(self) -> int:
         return int(self.context.shape[1])
+
+    @property
+    def blocks(self) -> int:
+        """Token blocks of the full context: the layer's own, the regions', their negatives'."""
+        return 1 + len(self.token_counts) + len(self.negative_counts)
+
+    def block_ids(self, own: int, length: int, device: torch.device) -> torch.Tensor:
+        """(length,) block index of every token of [own | extra | padding]; padding gets one id past the last block."""
+        counts = [own] + self.token_counts + self.negative_counts
+        ids = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+        return F.pad(ids, (0, length - ids.shape[0]), value=len(counts))
 
     @property
     def samples(self) -> int:
@@ -266,6 +319,7 @@ class RegionalCrossAttention:
         self._sigma_active = True
         self._rows_cache: dict[tuple, tuple] = {}
         self._bias_cache: dict[tuple, tuple] = {}  # one palette for every latent (the KSampler case)
+        self._mixed: dict[int, tuple] = {}  # id(bias) -> (bias, has rows with several active blocks)
 
     @property
     def palette(self) -> Palette:
@@ -284,16 +338,27 @@ class RegionalCrossAttention:
     # -- ComfyUI hooks ------------------------------------------------------------------
     def attn1_patch(self, n, context, value, extra_options):
         self._armed = None
+        if math.isinf(self.options.self_sigma_end):
+            return n, context, value
+        armed = self._arming(extra_options)
+        sigmas = extra_options.get("sigmas")
+        if armed is not None and (sigmas is None or float(sigmas.max()) >= self.options.self_sigma_end):
+            self._armed = ("self",) + armed
         return n, context, value
 
     def attn2_patch(self, n, context, value, extra_options):
         self._armed = None
+        armed = self._arming(extra_options)
+        if armed is not None and self._sigma_in_range(extra_options.get("sigmas")):
+            self._armed = ("cross",) + armed
+        return n, context, value
+
+    def _arming(self, extra_options) -> tuple | None:
+        """(layer key, h, w, latents, cond_or_uncond, rows) of a selected layer, else None."""
         block = extra_options.get("block")
         shape = extra_options.get("activations_shape")
         if block is None or shape is None or not self.options.applies_to(block[0], block[1]):
-            return n, context, value
-        if not self._sigma_in_range(extra_options.get("sigmas")):
-            return n, context, value
+            return None
         key = (block[0], block[1], extra_options.get("block_index", 0))
         if key not in self.layers:
             raise PaletteError(f"RCCA: no cross-attention layer {key} in this model; the patch supports SD1.5 and SDXL UNets")
@@ -302,14 +367,13 @@ class RegionalCrossAttention:
         chunks = len(extra_options.get("uuids") or cond_or_uncond)
         latents = int(shape[0]) // chunks
         rows = extra_options.get(self.ROWS_KEY) or (self.default,)
-        self._armed = (key, int(shape[-2]), int(shape[-1]), latents, cond_or_uncond, tuple(rows))
-        return n, context, value
+        return key, int(shape[-2]), int(shape[-1]), latents, cond_or_uncond, tuple(rows)
 
     def attn2_output_patch(self, out, extra_options):
         # still armed after attn2 ran: the layer's attention never reached our override, because
         # another pack replaced it (attn2_replace) or took the override slot without chaining it
         if self._armed is not None:
-            key = self._armed[0]
+            key = self._armed[1]
             self._armed = None
             raise PaletteError(
                 f"RCCA Attention Patch cannot act at cross-attention layer {key}: another node replaced that "
@@ -322,7 +386,7 @@ class RegionalCrossAttention:
         armed, self._armed = self._armed, None
         if armed is None:
             return self._call(func, args, kwargs)
-        key, h, w, latents, armed_layout, rows = armed
+        kind, key, h, w, latents, armed_layout, rows = armed
         q, k, v, heads = args[:4]
         mask = args[4] if len(args) > 4 else kwargs.pop("mask", None)
         split_heads = k.ndim == 4  # skip_reshape callers pass (B, heads, L, d)
@@ -333,14 +397,23 @@ class RegionalCrossAttention:
         own = k.shape[2] if split_heads else k.shape[1]
         live = (kwargs.get("transformer_options") or {}).get("cond_or_uncond")
         layout = row_layout(int(q.shape[0]), latents, armed_layout, live)
-        k_extra, v_extra, bias = self._extras(key, h, w, own, layout, rows, latents, q.dtype, q.device)
-        if mask is not None:
-            bias = bias + _as_float_mask(mask, own, bias)
+        if kind == "self":
+            bias = self._self_bias(h, w, layout, rows, latents, q.device).to(q.dtype)
+            if mask is not None:
+                bias = bias + _as_float_mask(mask, own, bias)
+            kwargs["mask"] = bias
+            return self._call(func, (q, k, v, heads) + tuple(args[5:]), kwargs)
+        k_extra, v_extra, bias, block_ids, blocks = self._extras(key, h, w, own, layout, rows, latents, q.dtype, q.device)
+        other = _as_float_mask(mask, own, bias) if mask is not None else None
         if split_heads:
             k_extra, v_extra = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (k_extra, v_extra))
         seq = 2 if split_heads else 1
         k = torch.cat([k, k_extra], dim=seq)
         v = torch.cat([v, v_extra], dim=seq)
+        if self.options.mode == "soft" and self.options.normalize and self._has_mixed_rows(bias, block_ids, blocks):
+            bias = normalize_block_mass(q, k, heads, bias, block_ids, blocks, other).to(q.dtype)
+        elif other is not None:
+            bias = bias + other
         kwargs["mask"] = bias
         return self._call(func, (q, k, v, heads) + tuple(args[5:]), kwargs)
 
@@ -389,6 +462,41 @@ class RegionalCrossAttention:
             self._sigma_active = self.options.sigma_end <= s <= self.options.sigma_start
         return self._sigma_active
 
+    def _has_mixed_rows(self, bias: torch.Tensor, block_ids: torch.Tensor, blocks: int) -> bool:
+        """Whether any pixel attends to two or more blocks (soft edges, opacity, overlaps); only those
+        need normalize_block_mass. Read once per cached bias, so no host sync per layer call."""
+        hit = self._mixed.get(id(bias))
+        if hit is not None and hit[0] is bias:
+            return hit[1]
+        finite = torch.isfinite(bias).to(torch.float32)
+        ids = block_ids.expand(bias.shape[0], -1)[:, None, :].expand(bias.shape)
+        per_block = torch.zeros(*bias.shape[:-1], blocks + 1, device=bias.device).scatter_add_(-1, ids, finite)
+        mixed = bool(((per_block > 0).sum(-1) > 1).any())
+        if len(self._mixed) > 64:
+            self._mixed.clear()
+        self._mixed[id(bias)] = (bias, mixed)
+        return mixed
+
+    def _self_bias(self, h, w, cond_or_uncond, rows, n, device) -> torch.Tensor:
+        """(rows, hw, hw) self-attention bias: log of the chance that two pixels lie in the same
+        region, S(p, p') = sum_k M_k(p) M_k(p') over the background and every region (0 / -inf for
+        hard partitions; S(p, p) > 0, so no row is empty). Uncond rows stay unmasked."""
+        cache_key = ("self", h, w, cond_or_uncond, n, tuple(id(r) for r in rows), device)
+        hit = self._bias_cache.get(cache_key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], rows)):
+            return hit[1]
+        levels = [r.pyramid.level(h, w).to(device) for r in rows]  # each (N, K, hw)
+        level = levels[0].expand(n, -1, -1) if len(rows) == 1 else torch.cat(levels)
+        same = torch.einsum("nkp,nkq->npq", level, level)
+        cond = torch.where(same > self.options.eps, same.clamp_min(self.options.eps).log(),
+                           torch.full((), float("-inf"), device=device))
+        uncond = torch.zeros_like(cond)
+        bias = torch.cat([uncond if c == 1 else cond for c in cond_or_uncond], dim=0)
+        if len(self._bias_cache) > 32:
+            self._bias_cache.clear()
+        self._bias_cache[cache_key] = (tuple(rows), bias)
+        return bias
+
     def _extras(self, key, h, w, own, cond_or_uncond, rows, n, dtype, device):
         """Extra K, V (rows, Lx, inner) and the bias (rows, hw, own + Lx) in the attention dtype,
         for len(cond_or_uncond) chunks of n latents."""
@@ -409,7 +517,8 @@ class RegionalCrossAttention:
                 if len(self._bias_cache) > 32:
                     self._bias_cache.clear()
                 hit = self._bias_cache[cache_key] = (prepared, bias)
-            return k_extra.expand(batch, -1, -1), v_extra.expand(batch, -1, -1), hit[1]
+            ids = prepared.block_ids(own, own + prepared.extra_tokens, device)[None]
+            return k_extra.expand(batch, -1, -1), v_extra.expand(batch, -1, -1), hit[1], ids, prepared.blocks
         return self._per_latent_extras(key, layer, h, w, own, cond_or_uncond, rows, n, dtype, device)
 
     def _per_latent_extras(self, key, layer, h, w, own, cond_or_uncond, rows, n, dtype, device):
@@ -437,7 +546,10 @@ class RegionalCrossAttention:
         k_rows, v_rows = torch.cat(ks), torch.cat(vs)
         per_kind = {kind: torch.cat(bs) for kind, bs in biases.items()}
         bias = torch.cat([per_kind[1 if c == 1 else 0] for c in cond_or_uncond], dim=0).to(dtype)
-        result = (k_rows.repeat(len(cond_or_uncond), 1, 1), v_rows.repeat(len(cond_or_uncond), 1, 1), bias)
+        blocks = max(r.blocks for r in rows)
+        ids = torch.stack([r.block_ids(own, own + longest, device).clamp_max(blocks) for r in rows])
+        result = (k_rows.repeat(len(cond_or_uncond), 1, 1), v_rows.repeat(len(cond_or_uncond), 1, 1), bias,
+                  ids.repeat(len(cond_or_uncond), 1), blocks)
         if len(self._rows_cache) > 256:
             self._rows_cache.clear()
         self._rows_cache[cache_key] = (tuple(rows),) + result
