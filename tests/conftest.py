@@ -1,4 +1,5 @@
-"""In-process ComfyUI host (no server) for tests that need real ComfyUI: session fixture `comfy_host`.
+"""In-process ComfyUI host (no server) for tests that need real ComfyUI: session fixture `comfy_host`,
+shared by tests/host and tests/quality (one ComfyUI per test process).
 
 ComfyUI comes from $COMFYUI_DIR (default <pack>/.host/ComfyUI, built by scripts/test.sh). Its
 init_extra_nodes() loads built-in extras plus custom_nodes/, where the host links this pack.
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-PACK_DIR = Path(__file__).resolve().parents[2]
+PACK_DIR = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR") or PACK_DIR / ".host" / "ComfyUI").resolve()
 PACK_MODULE = "rcca-palette"  # name of the custom_nodes/ link to this pack, ComfyUI's module key
 TINY_CKPT = "tiny_sd15.safetensors"
