@@ -1,5 +1,5 @@
 """In-process ComfyUI host (no server) for tests that need real ComfyUI: session fixture `comfy_host`,
-shared by tests/host and tests/quality (one ComfyUI per test process).
+shared by every test folder that asks for it (one ComfyUI per test process).
 
 ComfyUI comes from $COMFYUI_DIR (default <pack>/.host/ComfyUI, built by scripts/test.sh). Its
 init_extra_nodes() loads built-in extras plus custom_nodes/, where the host links this pack.
