@@ -11,7 +11,8 @@ PACK_NODES = {
     "RCCARegionalPromptPalette": ("Regional Prompt Palette", {"clip", "background", "width", "height", "regions", "regions_state"}),
     "RCCAAddRegion": ("Add Region", {"mask", "prompt", "strength", "negative", "name", "color", "regions"}),
     "RCCAMaskPyramid": ("Mask Pyramid", {"palette", "mode", "latent", "levels"}),
-    "RCCAAttentionPatch": ("RCCA Attention Patch", {"model", "palette", "pyramid", "mode", "start_percent", "end_percent", "blocks"}),
+    "RCCAAttentionPatch": ("RCCA Attention Patch", {"model", "palette", "pyramid", "mode", "start_percent", "end_percent", "blocks",
+                                                     "self_attention_until"}),
     "RCCAStreamBatchLCMSampler": ("Stream Batch LCM Sampler", {
         "model", "positive", "negative", "latent_image", "timesteps", "schedule_steps", "seed", "region_mode", "cfg_mode",
         "cfg", "compile", "decode", "palette", "timeline", "vae", "semantic_draw"}),
