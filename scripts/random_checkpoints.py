@@ -6,6 +6,8 @@ loader expects. Presets:
   * tiny:  32 channels, 1-layer 64-wide CLIP (~13 MB). Needs register_tiny_sd15() in the ComfyUI
            process (tests/support/tiny_sd_pack does that at server load time).
   * stock: 320 channels, shallow UNet, full CLIP-L shape (~290 MB). Stock SD15 detection accepts it.
+  * micro: tiny at 64 channels (~4 MB UNet); scripts/train_micro_model.py trains it. Needs
+           register_tiny_sd15() like tiny.
   * full:  the full SD1.5 UNet architecture (~1.7 GB fp16), for GPU speed benchmarks only: speed
            does not depend on weight values.
 The VAE is always a random TAESD (ComfyUI recognises it by the 'taesd_decoder.1.weight' key).
@@ -61,6 +63,13 @@ STOCK = Preset("stock", model_channels=320, context_dim=768, channel_mult=(1,), 
 FULL_SD15 = Preset("full", model_channels=320, context_dim=768, channel_mult=(1, 2, 4, 4), num_heads=8,
                    clip=CLIP_L, num_res_blocks=2, attention_levels=3)
 PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, STOCK, FULL_SD15)}
+# micro: the tiny layout at 64 channels, trained by scripts/train_micro_model.py. ComfyUI's UNet
+# uses GroupNorm(32, ch); at 32 channels every group is one channel, an instance norm that
+# erases each channel's spatial mean, so the final GroupNorm leaves the output no way to set a
+# latent's overall colour. 64 channels (2 per group) keep it. num_heads stays 2: register_tiny_sd15
+# loads small UNets with 2 heads.
+MICRO = Preset("micro", model_channels=64, context_dim=64, channel_mult=(1, 2), num_heads=2, clip=TINY.clip)
+PRESETS[MICRO.name] = MICRO
 
 
 def use_comfyui(comfyui_dir: str | os.PathLike | None = None) -> Path:
