@@ -7,6 +7,19 @@ sigma and shifts them; a new frame's noise enters slot 1. After S - 1 warm-up ti
 leaves per tick. With the same per-frame noise, a frame equals plain LCM sampling of that
 frame alone: x <- x0(x, sigma_s) + sigma_{s+1} * eps_{s+1}.
 
+Noise. A frame uses S draws: draw 0 is its starting noise, draw s (s >= 1) re-noises its x0 to
+sigma_s after step s - 1. `per_frame`: frame f's draws come from seed + f (animations).
+`fixed`: every frame uses the same S draws (frame 0's, seed + 0): at every tick each slot at
+step s adds the draw s that every frame adds at step s, so a frame is a function of its
+condition (and image) alone; an unchanged drawing gives the same picture, and frame 0 is the
+same in both modes.
+
+Image-to-image (`ImageSource`): a frame starts from x = image + scale * draw 0 instead of
+scale * draw 0 (ComfyUI's noise_scaling with a latent image), at the first of the timesteps
+the caller kept for its strength (`strength_timesteps`). With a mask (1 = repaint, 0 = keep
+the photo) every step blends as ComfyUI's KSampler does with a noise mask: before the model
+call x <- x * m + (image + sigma_s * draw 0) * (1 - m), after it x0 <- x0 * m + image * (1 - m).
+
 Sigmas are in ComfyUI's k-diffusion scale (x = x0 + sigma * eps). The model, its conditioning
 and the region mode live behind a `Denoiser`; this module never imports ComfyUI.
 """
@@ -21,6 +34,7 @@ import torch
 
 from .palette import PaletteError
 
+NOISE_MODES = ("per_frame", "fixed")
 DEFAULT_LCM_INDICES = (0, 12, 24, 36)  # an LCM 4-step schedule: indices of a 50-step schedule
 SEMANTIC_DRAW_INDICES = (0, 4, 12, 25, 37)  # SemanticDraw's default t_index_list
 
@@ -53,11 +67,39 @@ def lcm_timesteps(indices: Sequence[int], schedule_steps: int = 50, train_steps:
     return [(schedule_steps - i) * c - 1 for i in indices]
 
 
+def strength_timesteps(timesteps: Sequence[int], strength: float, train_steps: int = 1000) -> list[int]:
+    """Image-to-image: the timesteps of the list at or below the point `strength` selects. A
+    timestep t is kept when (t + 1) / train_steps <= strength, so strength 1 keeps them all (the
+    image under full noise, as KSampler's denoise 1), 0.6 keeps t <= 599 (of 999, 759, 519, 279:
+    519 and 279), as ComfyUI's denoise starts its schedule at about denoise x 1000."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+            or not 0.0 < strength <= 1.0:
+        raise PaletteError(f"strength must be a number in (0, 1] (the share of the noise schedule the image is "
+                           f"noised to; 1 = full noise), got {strength!r}")
+    timesteps = list(timesteps)
+    kept = [t for t in timesteps if (t + 1) <= strength * train_steps + 1e-6]
+    if not kept:
+        last = min(timesteps)
+        raise PaletteError(f"strength {strength:g} keeps none of the timesteps {timesteps} (a timestep t is kept when "
+                           f"(t + 1) / {train_steps} <= strength): the last one, t = {last}, needs strength >= "
+                           f"{(last + 1) / train_steps:g}; raise strength or add a later index to the timestep list")
+    return kept
+
+
 def frame_noise(seed: int, frame: int, steps: int, shape: Sequence[int]) -> torch.Tensor:
     """Frame f's noise, (steps, *shape) float32 on the CPU: draw 0 starts the frame, draw s
     re-noises it to the s-th sigma. Independent of the batch and of when the frame is rendered."""
     gen = torch.Generator().manual_seed((int(seed) + int(frame)) % (2 ** 63))
     return torch.randn((steps, *shape), generator=gen)
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Image-to-image for one frame: `latent` (C, H, W) in the model's space; `mask` None (the
+    whole image is redrawn) or (1 or C, H, W) in [0, 1] at latent size, 1 = repaint, 0 = keep."""
+
+    latent: torch.Tensor
+    mask: torch.Tensor | None = None
 
 
 class SlotBatch(NamedTuple):
@@ -81,6 +123,7 @@ class _Slot:
     step: int
     x: torch.Tensor
     draws: torch.Tensor
+    source: ImageSource | None = None
 
 
 class StreamBatch:
@@ -91,11 +134,15 @@ class StreamBatch:
     self-negative residual CFG scale (the slot's own noise is the virtual negative).
     fixed_batch: always call the denoiser with S rows (warm-up and flush ticks repeat the last
     slot and drop its copies), so a compiled model or a CUDA graph sees one shape only.
+    noise: 'per_frame' (frame f's draws from seed + f) or 'fixed' (every frame uses frame 0's draws).
     """
 
     def __init__(self, denoiser: Denoiser, sigmas: Sequence[float], latent_shape: Sequence[int], seed: int = 0,
                  initial_scale: float | None = None, residual_cfg: float | None = None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, fixed_batch: bool = False) -> None:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, fixed_batch: bool = False,
+                 noise: str = "per_frame") -> None:
+        if noise not in NOISE_MODES:
+            raise PaletteError(f"noise must be one of {', '.join(NOISE_MODES)}, got {noise!r}")
         sigmas = [float(s) for s in sigmas]
         if not sigmas:
             raise PaletteError("a stream needs at least one timestep")
@@ -110,6 +157,8 @@ class StreamBatch:
         self.device = torch.device(device)
         self.dtype = dtype
         self.fixed_batch = fixed_batch
+        self.noise = noise
+        self._fixed_draws: torch.Tensor | None = None
         self._slots: list[_Slot] = []
         self._next_frame = 0
         self._sigma_tensors: dict[tuple[int, ...], torch.Tensor] = {}
@@ -123,14 +172,26 @@ class StreamBatch:
     def in_flight(self) -> int:
         return len(self._slots)
 
-    def push(self, condition: Any) -> int:
-        """A new frame enters slot 1 with the given condition; returns its frame index."""
+    def draws(self, frame: int) -> torch.Tensor:
+        """Frame `frame`'s S draws on the stream's device (the fixed draws are made once)."""
+        if self.noise == "fixed":
+            if self._fixed_draws is None:
+                self._fixed_draws = frame_noise(self.seed, 0, self.depth, self.latent_shape).to(self.device, self.dtype)
+            return self._fixed_draws
+        return frame_noise(self.seed, frame, self.depth, self.latent_shape).to(self.device, self.dtype)
+
+    def push(self, condition: Any, source: ImageSource | None = None) -> int:
+        """A new frame enters slot 1 with the given condition (and image, for image-to-image);
+        returns its frame index."""
         if self._slots and self._slots[-1].step == 0:
             raise RuntimeError("push() twice without tick(): slot 1 is taken")
         frame = self._next_frame
         self._next_frame += 1
-        draws = frame_noise(self.seed, frame, self.depth, self.latent_shape).to(self.device, self.dtype)
-        self._slots.append(_Slot(frame, condition, 0, draws[0] * self.initial_scale, draws))
+        draws = self.draws(frame)
+        x = draws[0] * self.initial_scale
+        if source is not None:
+            x = x + source.latent  # ComfyUI's noise_scaling: noise * scale, then + the latent image
+        self._slots.append(_Slot(frame, condition, 0, x, draws, source))
         return frame
 
     def tick(self) -> list[tuple[int, torch.Tensor]]:
@@ -142,8 +203,13 @@ class StreamBatch:
             slots = slots + [slots[-1]] * (self.depth - len(slots))
         steps = tuple(s.step for s in slots)
         sigmas = self._sigma_tensor(steps)
+        x = torch.stack([s.x for s in slots])
+        keep = self._keep(slots)
+        if keep is not None:  # inpainting: outside the mask, the photo noised to this sigma (ComfyUI's blend)
+            m, photo, first = keep
+            x = x * m + (first * sigmas.to(x.dtype).view(-1, 1, 1, 1) + photo) * (1.0 - m)
         batch = SlotBatch(
-            x=torch.stack([s.x for s in slots]),
+            x=x,
             sigmas=sigmas,
             steps=steps,
             conditions=tuple(s.condition for s in slots),
@@ -152,6 +218,8 @@ class StreamBatch:
         x0 = self.denoiser(batch)
         if self.residual_cfg is not None:
             x0 = self._residual_cfg(batch, x0)
+        if keep is not None:
+            x0 = x0 * m + photo * (1.0 - m)
         done, kept = [], []
         for i, slot in enumerate(self._slots):
             if slot.step == self.depth - 1:
@@ -170,8 +238,10 @@ class StreamBatch:
             out.extend(self.tick())
         return out
 
-    def render(self, conditions: Sequence[Any], on_frame: Callable[[int, torch.Tensor], None] | None = None) -> list[torch.Tensor]:
-        """Frames for a sequence of per-frame conditions, in order: push + tick per frame, then flush."""
+    def render(self, conditions: Sequence[Any], on_frame: Callable[[int, torch.Tensor], None] | None = None,
+               sources: Sequence[ImageSource | None] | None = None) -> list[torch.Tensor]:
+        """Frames for a sequence of per-frame conditions (and images), in order: push + tick per
+        frame, then flush."""
         frames: dict[int, torch.Tensor] = {}
 
         def take(done):
@@ -181,8 +251,8 @@ class StreamBatch:
                     on_frame(index, x0)
 
         first = self._next_frame
-        for condition in conditions:
-            self.push(condition)
+        for i, condition in enumerate(conditions):
+            self.push(condition, None if sources is None else sources[i])
             take(self.tick())
         take(self.flush())
         return [frames[first + i] for i in range(len(conditions))]
@@ -194,6 +264,21 @@ class StreamBatch:
             t = torch.tensor([self.sigmas[s] for s in steps], dtype=torch.float32, device=self.device)
             self._sigma_tensors[steps] = t
         return t
+
+    @staticmethod
+    def _keep(slots: Sequence[_Slot]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(mask, photo, first draw) per row when any slot inpaints; rows without a mask repaint all."""
+        if not any(s.source is not None and s.source.mask is not None for s in slots):
+            return None
+        ms, photos = [], []
+        for s in slots:
+            if s.source is not None and s.source.mask is not None:
+                ms.append(s.source.mask.expand_as(s.x))
+                photos.append(s.source.latent)
+            else:
+                ms.append(torch.ones_like(s.x))
+                photos.append(torch.zeros_like(s.x))
+        return torch.stack(ms), torch.stack(photos), torch.stack([s.draws[0] for s in slots])
 
     def _residual_cfg(self, batch: SlotBatch, x0: torch.Tensor) -> torch.Tensor:
         sigma = batch.sigmas.to(x0.dtype).view(-1, 1, 1, 1)

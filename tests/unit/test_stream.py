@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from rcca_core.palette import PaletteError
-from rcca_core.stream import SlotBatch, StreamBatch, frame_noise, lcm_timesteps, parse_indices
+from rcca_core.stream import (ImageSource, SlotBatch, StreamBatch, frame_noise, lcm_timesteps, parse_indices,
+                               strength_timesteps)
 
 SHAPE = (4, 6, 5)
 SIGMAS = [14.6, 3.2, 1.1, 0.3]
@@ -26,13 +27,20 @@ class Recorder:
         return fake_x0(batch.x, batch.sigmas, cond)
 
 
-def lcm_reference(condition, frame, seed=7, sigmas=SIGMAS, initial_scale=None):
-    """Plain LCM sampling of one frame alone with the stream's per-frame noise."""
+def lcm_reference(condition, frame, seed=7, sigmas=SIGMAS, initial_scale=None, image=None, mask=None):
+    """Plain LCM sampling of one frame alone with the stream's per-frame noise, written as ComfyUI
+    runs it: KSAMPLER.sample (noise_scaling with the latent image), KSamplerX0Inpaint (the noise
+    mask blend around every model call) and sample_lcm (x0 + sigma_next * fresh noise)."""
     draws = frame_noise(seed, frame, len(sigmas), SHAPE)
-    x = draws[0] * (sigmas[0] if initial_scale is None else initial_scale)
+    image = torch.zeros(SHAPE) if image is None else image
+    x = draws[0] * (sigmas[0] if initial_scale is None else initial_scale) + image
     cond = torch.tensor([list(condition)])
     for s, sigma in enumerate(sigmas):
+        if mask is not None:
+            x = x * mask + (draws[0] * sigma + image) * (1.0 - mask)
         x0 = fake_x0(x.unsqueeze(0), torch.tensor([sigma]), cond)[0]
+        if mask is not None:
+            x0 = x0 * mask + image * (1.0 - mask)
         if s + 1 < len(sigmas):
             x = x0 + sigmas[s + 1] * draws[s + 1]
     return x0
@@ -126,3 +134,108 @@ def test_fixed_batch_always_calls_with_s_rows_and_gives_the_same_frames():
     assert {len(c.steps) for c in rec.calls} == {len(SIGMAS)}
     for a, b in zip(fixed, plain):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_fixed_noise_frames_equal_plain_lcm_with_frame_zeros_draws():
+    conditions = [(1.0, 0.0), (0.5, 0.2), (2.0, -0.1), (1.0, 0.3), (0.7, 0.0)]
+    frames = StreamBatch(Recorder(), SIGMAS, SHAPE, seed=7, initial_scale=15.0, noise="fixed").render(conditions)
+    for frame, cond in zip(frames, conditions):
+        torch.testing.assert_close(frame, lcm_reference(cond, 0, initial_scale=15.0), atol=1e-6, rtol=0)
+
+
+def test_fixed_noise_shares_every_draw_initial_and_renoising():
+    rec = Recorder()
+    engine = StreamBatch(rec, SIGMAS, SHAPE, seed=4, noise="fixed")
+    for _ in range(6):
+        engine.push((1.0, 0.0))
+        engine.tick()
+    draws = frame_noise(4, 0, len(SIGMAS), SHAPE)
+    steady = rec.calls[-1]  # slots at steps 3, 2, 1, 0 hold four different frames
+    assert steady.steps == (3, 2, 1, 0)
+    for row, step in enumerate(steady.steps):
+        torch.testing.assert_close(steady.noise[row], draws[step], atol=0, rtol=0)
+    assert engine.draws(0) is engine.draws(5)  # made once
+
+
+def test_unchanged_condition_gives_identical_frames_with_fixed_noise_and_different_ones_per_frame():
+    conditions = [(1.0, 0.2)] * 6
+    fixed = StreamBatch(Recorder(), SIGMAS, SHAPE, seed=9, noise="fixed").render(conditions)
+    per_frame = StreamBatch(Recorder(), SIGMAS, SHAPE, seed=9, noise="per_frame").render(conditions)
+    for f in range(1, 6):
+        torch.testing.assert_close(fixed[f], fixed[0], atol=0, rtol=0)
+        assert (per_frame[f] - per_frame[0]).abs().max() > 1e-2
+    torch.testing.assert_close(fixed[0], per_frame[0], atol=0, rtol=0)  # frame 0: the same draws in both modes
+
+
+def test_a_stroke_with_fixed_noise_changes_only_the_frames_after_it():
+    a, b = (1.0, 0.0), (0.3, 0.5)
+    frames = StreamBatch(Recorder(), SIGMAS, SHAPE, seed=3, noise="fixed").render([a, a, a, b, b, b])
+    for f in (1, 2):
+        torch.testing.assert_close(frames[f], frames[0], atol=0, rtol=0)
+    for f in (4, 5):
+        torch.testing.assert_close(frames[f], frames[3], atol=0, rtol=0)
+    assert (frames[3] - frames[0]).abs().max() > 1e-2
+
+
+def photo_and_mask():
+    g = torch.Generator().manual_seed(5)
+    image = torch.randn(SHAPE, generator=g) * 2.0
+    mask = torch.zeros(1, *SHAPE[1:])
+    mask[..., :3, :] = 1.0  # repaint the top half
+    mask[..., 3, 2] = 0.5
+    return image, mask
+
+
+@pytest.mark.parametrize("noise", ["per_frame", "fixed"])
+@pytest.mark.parametrize("inpaint", [False, True])
+def test_image_to_image_frames_equal_plain_lcm_image_to_image(noise, inpaint):
+    image, mask = photo_and_mask()
+    sigmas = SIGMAS[2:]  # strength kept the two last timesteps: the image starts at sigma_1 (not the max)
+    source = ImageSource(image, mask if inpaint else None)
+    conditions = [(1.0, 0.0), (0.5, 0.2), (2.0, -0.1), (1.0, 0.3)]
+    frames = StreamBatch(Recorder(), sigmas, SHAPE, seed=7, noise=noise).render(conditions, sources=[source] * 4)
+    for f, (frame, cond) in enumerate(zip(frames, conditions)):
+        want = lcm_reference(cond, 0 if noise == "fixed" else f, sigmas=sigmas, image=image,
+                             mask=mask.expand(SHAPE) if inpaint else None)
+        torch.testing.assert_close(frame, want, atol=1e-6, rtol=0)
+        if inpaint:  # unmasked pixels are the photo's
+            torch.testing.assert_close(frame[:, 4:], image[:, 4:], atol=0, rtol=0)
+        else:
+            assert (frame - lcm_reference(cond, 0 if noise == "fixed" else f, sigmas=sigmas)).abs().max() > 1e-2
+
+
+def test_a_slot_without_image_next_to_inpainting_slots_is_untouched():
+    image, mask = photo_and_mask()
+    engine = StreamBatch(Recorder(), SIGMAS, SHAPE, seed=7)
+    frames = engine.render([(1.0, 0.0), (0.5, 0.2), (0.5, 0.2)], sources=[None, ImageSource(image, mask), None])
+    torch.testing.assert_close(frames[0], lcm_reference((1.0, 0.0), 0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(frames[2], lcm_reference((0.5, 0.2), 2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(frames[1], lcm_reference((0.5, 0.2), 1, image=image, mask=mask.expand(SHAPE)), atol=1e-6, rtol=0)
+
+
+def test_strength_selects_the_timesteps_at_or_below_its_point():
+    lcm4 = [999, 759, 519, 279]
+    assert strength_timesteps(lcm4, 1.0) == lcm4
+    assert strength_timesteps(lcm4, 0.76) == [759, 519, 279]
+    assert strength_timesteps(lcm4, 0.6) == [519, 279]
+    assert strength_timesteps(lcm4, 0.52) == [519, 279]
+    assert strength_timesteps(lcm4, 0.5) == [279]
+    assert strength_timesteps(lcm4, 0.28) == [279]
+
+
+@pytest.mark.parametrize("strength, message", [
+    (0.2, r"strength 0.2 keeps none of the timesteps \[999, 759, 519, 279\].*t = 279, needs strength >= 0.28"),
+    (0.0, r"strength must be a number in \(0, 1\]"),
+    (1.5, r"strength must be a number in \(0, 1\].*got 1.5"),
+    (-0.1, "strength must be"),
+    (float("nan"), "strength must be"),
+    ("0.5", "strength must be"),
+])
+def test_bad_strength_is_refused(strength, message):
+    with pytest.raises(PaletteError, match=message):
+        strength_timesteps([999, 759, 519, 279], strength)
+
+
+def test_unknown_noise_mode_is_refused():
+    with pytest.raises(PaletteError, match="noise must be one of per_frame, fixed, got 'same'"):
+        StreamBatch(Recorder(), SIGMAS, SHAPE, noise="same")
