@@ -12,7 +12,7 @@ from comfy_api.latest import io
 
 from ..rcca_core.palette import PaletteError
 from ..rcca_core.semantic_draw import MASK_TYPES, SemanticDrawOptions
-from ..rcca_core.stream import DEFAULT_LCM_INDICES
+from ..rcca_core.stream import DEFAULT_LCM_INDICES, NOISE_MODES
 from . import types
 from .stream_runtime import CFG_MODES, COMPILE_MODES, DECODES, REGION_MODES, StreamRuntime, frame_palettes
 
@@ -83,7 +83,7 @@ class StreamBatchLCMSampler(io.ComfyNode):
                                 tooltip="Indices of the LCM schedule, noisy to clean (SemanticDraw: 0, 4, 12, 25, 37)."),
                 io.Int.Input("schedule_steps", default=50, min=1, max=1000, tooltip="Length of the schedule the indices refer to."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Frame f uses noise seeded with seed + f."),
+                             tooltip="per_frame noise: frame f uses seed + f; fixed: every frame uses the seed's draws."),
                 io.Combo.Input("region_mode", options=list(REGION_MODES), default="rcca",
                                tooltip="rcca: one row per step (region-constrained cross-attention); semantic_draw: the "
                                        "baseline, one row per step and prompt; none: the positive prompt alone."),
@@ -94,30 +94,44 @@ class StreamBatchLCMSampler(io.ComfyNode):
                                tooltip="torch.compile the UNet (CUDA graphs on GPU); eager is the fallback."),
                 io.Combo.Input("decode", options=list(DECODES), default="auto",
                                tooltip="auto: the VAE when connected, else latent2rgb (an instant approximation)."),
+                io.Combo.Input("noise", options=list(NOISE_MODES), default="per_frame",
+                               tooltip="per_frame: frame f's noise from seed + f (animations); fixed: every frame starts "
+                                       "from the same noise draws, so an unchanged drawing gives the same picture."),
+                io.Float.Input("strength", default=0.6, min=0.01, max=1.0, step=0.01,
+                               tooltip="With an image: keep the timesteps t with (t + 1) / 1000 <= strength; the image is "
+                                       "noised to the first one (1 = full noise). Unused without an image."),
                 types.Palette.Input("palette", optional=True, tooltip="Its mask batch gives one state per frame."),
                 types.Timeline.Input("timeline", optional=True, tooltip="Palette states, one per frame."),
-                io.Vae.Input("vae", optional=True, tooltip="Decodes the frames; a TAESD VAE is the fast path."),
+                io.Vae.Input("vae", optional=True, tooltip="Decodes the frames and encodes the image; a TAESD VAE is the fast path."),
                 types.SemanticDrawOptions.Input("semantic_draw", optional=True),
+                io.Image.Input("image", optional=True,
+                               tooltip="Image-to-image: frames start from this image (encoded with the vae) noised to the "
+                                       "first timestep strength keeps. One image, or one per frame; the frames' size."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Inpaint: 1 = repaint, 0 = keep the image's pixels (as KSampler's noise mask). "
+                                      "The image's size; one mask, or one per frame."),
             ],
             outputs=[io.Latent.Output(display_name="frames"), io.Image.Output(display_name="images")],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, timesteps, schedule_steps, seed, region_mode,
-                cfg_mode, cfg, compile, decode, palette=None, timeline=None, vae=None, semantic_draw=None) -> io.NodeOutput:
+                cfg_mode, cfg, compile, decode, noise="per_frame", strength=0.6, palette=None, timeline=None, vae=None,
+                semantic_draw=None, image=None, mask=None) -> io.NodeOutput:
         samples = latent_image["samples"]
         if samples.ndim != 4:
             raise PaletteError(f"the stream renders image latents (frames, C, H, W); got a latent of shape {tuple(samples.shape)}")
         frames = samples.shape[0]
         states = frame_palettes(palette, timeline, frames)
         runtime = StreamRuntime(model, positive, negative, tuple(samples.shape[1:]), timesteps, schedule_steps, seed,
-                                region_mode, cfg_mode, cfg, compile, decode, states, vae, semantic_draw)
+                                region_mode, cfg_mode, cfg, compile, decode, states, vae, semantic_draw,
+                                noise=noise, image=image, strength=strength, mask=mask, frames=frames)
         conditions = runtime.conditions(states) if region_mode != "none" else [None] * frames
         preview = runtime.preview(frames + runtime.depth - 1)
         out = {}
 
         def render(engine):
-            out["frames"] = torch.stack(engine.render(conditions))
+            out["frames"] = torch.stack(engine.render(conditions, sources=[runtime.source(f) for f in range(frames)]))
 
         runtime.run(render, on_tick=preview)
         result = runtime.latent_out(out["frames"])

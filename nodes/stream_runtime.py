@@ -19,7 +19,8 @@ from ..rcca_core.attention import RegionalCrossAttention, cross_attention_layers
 from ..rcca_core.masks import check_latent_aspect
 from ..rcca_core.palette import PaletteError
 from ..rcca_core.semantic_draw import RowContexts, SemanticDrawDenoiser, SemanticDrawOptions, SemanticDrawState
-from ..rcca_core.stream import SlotBatch, StreamBatch, lcm_timesteps, parse_indices
+from ..rcca_core.stream import (NOISE_MODES, ImageSource, SlotBatch, StreamBatch, check_strength, lcm_timesteps,
+                                parse_indices, strength_timesteps)
 from .attention_patch import WRAPPER_KEY, check_supported
 
 REGION_MODES = ("rcca", "semantic_draw", "none")
@@ -50,10 +51,13 @@ def same_state(a, b) -> bool:
     return a is b or (a.regions is b.regions and torch.equal(a.region_coverage(), b.region_coverage()))
 
 
-def stream_sigmas(model, indices_text: str, schedule_steps: int) -> tuple[list[float], float]:
-    """Sigmas of the timestep list, and the first noise's scale as ComfyUI's samplers choose it."""
+def stream_sigmas(model, indices_text: str, schedule_steps: int, strength: float | None = None) -> tuple[list[float], float]:
+    """Sigmas of the timestep list (image-to-image: those `strength` keeps), and the first noise's
+    scale as ComfyUI's samplers choose it."""
     sampling = model.get_model_object("model_sampling")
     timesteps = lcm_timesteps(parse_indices(indices_text), schedule_steps)
+    if strength is not None:
+        timesteps = strength_timesteps(timesteps, strength)
     sigmas = [float(sampling.sigma(torch.tensor(float(t)))) for t in timesteps]
     sigma_max = float(sampling.sigma_max)
     first = sigmas[0]
@@ -76,10 +80,15 @@ class StreamRuntime:
     def __init__(self, model, positive, negative, latent_shape: Sequence[int], timesteps: str, schedule_steps: int,
                  seed: int, region_mode: str, cfg_mode: str, cfg: float, compile: str, decode: str,
                  states: Sequence, vae=None, semantic_draw: SemanticDrawOptions | None = None,
-                 node: str = "Stream Batch LCM Sampler") -> None:
+                 node: str = "Stream Batch LCM Sampler", noise: str = "per_frame", image=None, strength: float = 1.0,
+                 mask=None, frames: int | None = None) -> None:
+        """frames: how many frames the image and mask batches may cover (None: one image, live)."""
         import comfy.samplers
 
         check_supported(model, node)
+        if noise not in NOISE_MODES:
+            raise PaletteError(f"{node}: noise must be one of {', '.join(NOISE_MODES)}, got {noise!r}")
+        check_strength(strength)
         channels, h, w = (int(v) for v in latent_shape)
         if channels != model.model.latent_format.latent_channels:
             raise PaletteError(f"the latent has {channels} channels but this model uses "
@@ -92,7 +101,11 @@ class StreamRuntime:
             check_latent_aspect(state.width, state.height, w * 8, h * 8, node)
         self.model = model
         self.latent_shape = (channels, h, w)
-        self.sigmas, self.initial_scale = stream_sigmas(model, timesteps, schedule_steps)
+        self.noise = noise
+        self.sigmas, self.initial_scale = stream_sigmas(model, timesteps, schedule_steps,
+                                                        strength if image is not None else None)
+        self._image_latents, self._image_masks = self._encode_image(image, mask, vae, frames, node)
+        self._sources: list[ImageSource] | None = None
         self.seed = seed
         self.region_mode = region_mode
         self.cfg_mode, self.cfg = cfg_mode, cfg
@@ -114,6 +127,68 @@ class StreamRuntime:
     @property
     def depth(self) -> int:
         return len(self.sigmas)
+
+    def _encode_image(self, image, mask, vae, frames: int | None, node: str):
+        """Image-to-image: check the image and mask against the frames, before any sampling;
+        encode the image with the VAE into the model's space; bring the mask to latent size
+        the way ComfyUI's samplers do (bilinear, one copy per channel)."""
+        if image is None:
+            if mask is not None:
+                raise PaletteError(f"{node}: a mask says which pixels of an image to repaint, but no image is connected; "
+                                   "connect the image (with a VAE) or remove the mask")
+            return None, None
+        if vae is None:
+            raise PaletteError(f"{node}: image-to-image encodes the image with the VAE, but no VAE is connected; "
+                               "connect the checkpoint's VAE (or a TAESD VAE)")
+        channels, h, w = self.latent_shape
+        width, height = w * 8, h * 8
+        allowed = "1" if frames is None else f"1 (every frame) or {frames} (one per frame)"
+        if not torch.is_tensor(image) or image.ndim != 4 or image.shape[-1] not in (3, 4):
+            raise PaletteError(f"{node}: the image must be an IMAGE (batch, height, width, 3), got "
+                               f"{tuple(image.shape) if torch.is_tensor(image) else type(image).__name__}")
+        if tuple(image.shape[1:3]) != (height, width):
+            raise PaletteError(f"{node}: the image is {image.shape[2]} x {image.shape[1]} px but the frames are {width} x "
+                               f"{height} px; scale or crop the image to {width} x {height} (e.g. ImageScale) or make the "
+                               "frames the image's size")
+        if image.shape[0] not in {1, frames or 1}:
+            raise PaletteError(f"{node}: the image batch has {image.shape[0]} images; give {allowed}")
+        if mask is not None:
+            if not torch.is_tensor(mask) or mask.ndim not in (2, 3):
+                raise PaletteError(f"{node}: the mask must be a MASK (batch, height, width), got "
+                                   f"{tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__}")
+            mask = mask.reshape(-1, *mask.shape[-2:]).float()
+            if tuple(mask.shape[1:]) != (height, width):
+                raise PaletteError(f"{node}: the mask is {mask.shape[2]} x {mask.shape[1]} px but the image is {width} x "
+                                   f"{height} px; give a mask of the image's size")
+            if mask.shape[0] not in {1, frames or 1}:
+                raise PaletteError(f"{node}: the mask batch has {mask.shape[0]} masks; give {allowed}")
+            if not bool(torch.isfinite(mask).all()) or float(mask.min()) < 0.0 or float(mask.max()) > 1.0:
+                raise PaletteError(f"{node}: mask values must be in [0, 1] (1 = repaint, 0 = keep the image)")
+        latent = vae.encode(image[..., :3])
+        if tuple(latent.shape[1:]) != (channels, h, w):
+            raise PaletteError(f"{node}: the VAE encodes the image to a latent of shape {tuple(latent.shape[1:])} but the "
+                               f"model's frames are {(channels, h, w)}; use the VAE that belongs to the model")
+        latent = self.model.model.process_latent_in(latent.float()).cpu()
+        if mask is not None:
+            import comfy.sampler_helpers
+
+            mask = comfy.sampler_helpers.prepare_mask(mask, (mask.shape[0], channels, h, w), "cpu")
+        return latent, mask
+
+    def source(self, frame: int) -> ImageSource | None:
+        """Frame `frame`'s image (None without image-to-image); valid inside run()."""
+        if self._sources is None:
+            return None
+        return self._sources[min(frame, len(self._sources) - 1)]
+
+    def _make_sources(self, like: torch.Tensor) -> None:
+        if self._image_latents is None:
+            return
+        lat, masks = self._image_latents, self._image_masks
+        n = max(lat.shape[0], 1 if masks is None else masks.shape[0])
+        self._sources = [ImageSource(lat[min(i, lat.shape[0] - 1)].to(like),
+                                     None if masks is None else masks[min(i, masks.shape[0] - 1)].to(like))
+                         for i in range(n)]
 
     def _prepare_model(self, first_state):
         m = self.model.clone()
@@ -196,7 +271,8 @@ class StreamRuntime:
             if self.engine is None:
                 self.engine = StreamBatch(self._denoise, self.sigmas, self.latent_shape, self.seed, self.initial_scale,
                                           residual_cfg=self.cfg if self.cfg_mode == "self" else None,
-                                          device=x.device, dtype=x.dtype, fixed_batch=self.compiled)
+                                          device=x.device, dtype=x.dtype, fixed_batch=self.compiled, noise=self.noise)
+                self._make_sources(x)
                 if self.region_mode == "semantic_draw":
                     fill = self._white_latent().to(x) if self.vae is not None else None
                     self._semantic_draw = SemanticDrawDenoiser(

@@ -67,15 +67,19 @@ def lcm_timesteps(indices: Sequence[int], schedule_steps: int = 50, train_steps:
     return [(schedule_steps - i) * c - 1 for i in indices]
 
 
+def check_strength(strength: float) -> None:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+            or not 0.0 < strength <= 1.0:
+        raise PaletteError(f"strength must be a number in (0, 1] (the share of the noise schedule the image is "
+                           f"noised to; 1 = full noise), got {strength!r}")
+
+
 def strength_timesteps(timesteps: Sequence[int], strength: float, train_steps: int = 1000) -> list[int]:
     """Image-to-image: the timesteps of the list at or below the point `strength` selects. A
     timestep t is kept when (t + 1) / train_steps <= strength, so strength 1 keeps them all (the
     image under full noise, as KSampler's denoise 1), 0.6 keeps t <= 599 (of 999, 759, 519, 279:
     519 and 279), as ComfyUI's denoise starts its schedule at about denoise x 1000."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
-            or not 0.0 < strength <= 1.0:
-        raise PaletteError(f"strength must be a number in (0, 1] (the share of the noise schedule the image is "
-                           f"noised to; 1 = full noise), got {strength!r}")
+    check_strength(strength)
     timesteps = list(timesteps)
     kept = [t for t in timesteps if (t + 1) <= strength * train_steps + 1e-6]
     if not kept:
