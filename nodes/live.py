@@ -35,7 +35,7 @@ from comfy_api.latest import io
 from ..rcca_core.live import SESSION_ID, DeviceGate, LiveRegistry, LiveSession, StaleBase
 from ..rcca_core.palette import MAX_REGIONS, Palette, PaletteError
 from ..rcca_core.palette_state import MAX_STATE_BYTES, CanvasMismatch, read_state
-from ..rcca_core.stream import DEFAULT_LCM_INDICES
+from ..rcca_core.stream import DEFAULT_LCM_INDICES, NOISE_MODES
 from . import types
 from .palette import add_regions
 from .stream_runtime import CFG_MODES, DECODES, StreamRuntime
@@ -123,7 +123,7 @@ class LiveRunner:
         self.server.send_sync("rcca.live.status", status, self.session.client_id)
 
     def _tick(self, engine) -> list:
-        frame = engine.push(self.condition)
+        frame = engine.push(self.condition, self.runtime.source(0))  # one image for every frame (or none)
         self._seq_of_frame[frame] = self.seq
         return engine.tick()
 
@@ -235,7 +235,18 @@ class LiveStream(io.ComfyNode):
                 io.Float.Input("idle_timeout", default=120.0, min=1.0, max=3600.0, step=1.0,
                                tooltip="Seconds without an edit before the session stops."),
                 io.Int.Input("jpeg_quality", default=80, min=10, max=100),
-                io.Vae.Input("vae", optional=True, tooltip="Decodes frames; a TAESD VAE keeps the stream fast."),
+                io.Combo.Input("noise", options=list(NOISE_MODES), default="fixed",
+                               tooltip="fixed: every frame starts from the same noise draws, so an unchanged drawing stays "
+                                       "still and a stroke changes what it covers; per_frame: new noise each frame (seed + f)."),
+                io.Float.Input("strength", default=0.6, min=0.01, max=1.0, step=0.01,
+                               tooltip="With an image: keep the timesteps t with (t + 1) / 1000 <= strength; the image is "
+                                       "noised to the first one (1 = full noise). Unused without an image."),
+                io.Vae.Input("vae", optional=True, tooltip="Decodes frames and encodes the image; a TAESD VAE keeps the stream fast."),
+                io.Image.Input("image", optional=True,
+                               tooltip="Draw over a photo: every frame starts from this image (encoded with the vae), noised "
+                                       "to the first timestep strength keeps. One image of the canvas's size."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Inpaint: 1 = repaint, 0 = keep the image's pixels (as KSampler's noise mask)."),
             ],
             outputs=[io.Image.Output(display_name="first_frame")],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
@@ -247,7 +258,8 @@ class LiveStream(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, positive, negative, palette, timesteps, schedule_steps, seed, region_mode, cfg_mode,
-                cfg, decode, idle_timeout, jpeg_quality, vae=None) -> io.NodeOutput:
+                cfg, decode, idle_timeout, jpeg_quality, noise="fixed", strength=0.6, vae=None, image=None,
+                mask=None) -> io.NodeOutput:
         server = _server()
         if server is None or not getattr(server, "client_id", None):
             raise PaletteError("Live Stream streams frames to a browser: queue it from the ComfyUI frontend "
@@ -259,7 +271,8 @@ class LiveStream(io.ComfyNode):
         palette_node = str(source[0]) if isinstance(source, list) and source else None
         latent_shape = (model.model.latent_format.latent_channels, palette.height // 8, palette.width // 8)
         runtime = StreamRuntime(model, positive, negative, latent_shape, timesteps, schedule_steps, seed, region_mode,
-                                cfg_mode, cfg, "eager", decode, [palette], vae, node="Live Stream")
+                                cfg_mode, cfg, "eager", decode, [palette], vae, node="Live Stream", noise=noise, image=image,
+                                strength=strength, mask=mask)
         session = LiveSession(server.client_id, idle_timeout, info={
             "node": unique_id, "palette_node": palette_node, "width": palette.width, "height": palette.height,
             "chained_regions": len(palette.regions) - palette.drawn})

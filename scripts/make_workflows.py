@@ -61,7 +61,8 @@ def stream_graph() -> dict:
         "22": ("RCCAStreamBatchLCMSampler", {
             "model": ["1", 0], "positive": ["12", 1], "negative": ["20", 0], "latent_image": ["21", 0],
             "timesteps": "0, 12, 24, 36", "schedule_steps": 50, "seed": 7, "region_mode": "rcca", "cfg_mode": "none",
-            "cfg": 1.5, "compile": "eager", "decode": "auto", "timeline": ["17", 0], "vae": ["1", 2]}, (1750, 100)),
+            "cfg": 1.5, "compile": "eager", "decode": "auto", "noise": "per_frame", "strength": 0.6,
+            "timeline": ["17", 0], "vae": ["1", 2]}, (1750, 100)),
         "23": ("SaveImage", {"images": ["22", 1], "filename_prefix": "rcca_stream"}, (2150, 100)),
     }
     previous = None
@@ -93,7 +94,7 @@ def live_graph(regions_state: str) -> dict:
         "4": ("RCCALiveStream", {"model": ["1", 0], "clip": ["1", 1], "positive": ["2", 1], "negative": ["3", 0],
                                  "palette": ["2", 0], "vae": ["1", 2], "timesteps": "0, 12, 24, 36", "schedule_steps": 50,
                                  "seed": 7, "region_mode": "rcca", "cfg_mode": "none", "cfg": 1.5, "decode": "auto",
-                                 "idle_timeout": 120.0, "jpeg_quality": 80}, (1100, 0)),
+                                 "idle_timeout": 120.0, "jpeg_quality": 80, "noise": "fixed", "strength": 0.6}, (1100, 0)),
         "5": ("PreviewImage", {"images": ["4", 0]}, (1500, 0)),
     }
 

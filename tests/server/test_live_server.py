@@ -22,17 +22,19 @@ from rcca_core.palette_state import encode_state  # noqa: E402
 SIZE = 128  # the example workflow paints at 512; 128 keeps the tiny model quick on 2 CPU cores
 
 
-def live_prompt(server, idle_timeout=120.0, size=SIZE):
+def live_prompt(server, idle_timeout=120.0, size=SIZE, **live_inputs):
     prompt = json.loads((PACK / "example_workflows" / "api" / "rcca_live_drawing.json").read_text())
     prompt["1"]["inputs"]["ckpt_name"] = server.ckpt_name
     prompt["4"]["inputs"]["idle_timeout"] = idle_timeout
     prompt["4"]["inputs"]["decode"] = "latent2rgb"  # the stream, not the VAE, is under test
+    prompt["4"]["inputs"].update(live_inputs)
     prompt["2"]["inputs"].update(width=size, height=size)  # its 512 px drawing is resized (same aspect ratio)
     return prompt
 
 
-def start_live(server, ws, idle_timeout=120.0, size=SIZE):
-    status, body = server.post_json("/prompt", {"prompt": live_prompt(server, idle_timeout, size), "client_id": ws.client_id})
+def start_live(server, ws, idle_timeout=120.0, size=SIZE, **live_inputs):
+    prompt = live_prompt(server, idle_timeout, size, **live_inputs)
+    status, body = server.post_json("/prompt", {"prompt": prompt, "client_id": ws.client_id})
     assert status == 200, body
     executed = ws.wait_for(lambda t, d: t == "execution_error" or (t == "executed" and "rcca_live" in (d.get("output") or {})),
                            300, "live start")
@@ -99,9 +101,60 @@ def test_live_session_streams_frames_and_an_edit_shows_in_a_later_frame(comfy_se
         assert edited["image"] != first[-1]["image"]
         status, body = comfy_server.get_json(f"/rcca/live/{session}"), None
         assert status["state"] == "running" and status["seq"] == 1 and status["frames"] >= 5
+        # noise 'fixed' (the live default): a drawing that does not change gives the same picture, byte for byte,
+        # once the pipe is full (frames 0..S-2 left warm-up ticks of fewer rows, which may round differently)
+        assert len({f["image"] for f in first if f["frame"] >= 3}) == 1
+        ws.wait_for(lambda t, d: t == "rcca.live.frame" and d["session"] == session and d["seq"] == 1
+                    and d["frame"] >= edited["frame"] + 1, 120, "a second edited frame")
+        after = [f for f in frames_of(ws, session) if f["seq"] == 1]
+        assert len(after) >= 2 and len({f["image"] for f in after}) == 1
     finally:
         stop(comfy_server, session)
         ws.close()
+
+
+def test_live_with_per_frame_noise_changes_every_frame(comfy_server):
+    ws = WsClient(comfy_server.url)
+    session = start_live(comfy_server, ws, noise="per_frame")
+    try:
+        ws.wait_for(lambda t, d: t == "rcca.live.frame" and d["session"] == session and d["frame"] >= 5, 120, "6 frames")
+        steady = [f["image"] for f in frames_of(ws, session) if f["frame"] >= 3]
+        assert len(steady) >= 3 and len(set(steady)) == len(steady)
+    finally:
+        stop(comfy_server, session)
+        ws.close()
+
+
+def photo_prompt(server, image_size=SIZE):
+    """The live workflow drawing over a photo: an image (EmptyImage, orange) and an inpaint mask (SolidMask)."""
+    prompt = live_prompt(server)
+    prompt["6"] = {"class_type": "EmptyImage", "inputs": {"width": image_size, "height": image_size, "batch_size": 1,
+                                                          "color": 0xE08020}}
+    prompt["7"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": image_size, "height": image_size}}
+    prompt["4"]["inputs"].update(image=["6", 0], mask=["7", 0], strength=0.6)
+    return prompt
+
+
+def test_live_draws_over_a_photo_and_refuses_a_photo_of_another_size(comfy_server):
+    ws = WsClient(comfy_server.url)
+    status, body = comfy_server.post_json("/prompt", {"prompt": photo_prompt(comfy_server), "client_id": ws.client_id})
+    assert status == 200, body
+    executed = ws.wait_for(lambda t, d: t == "execution_error" or (t == "executed" and "rcca_live" in (d.get("output") or {})),
+                           300, "live start over a photo")
+    assert "output" in executed, executed.get("exception_message")
+    session = executed["output"]["rcca_live"][0]["session"]
+    try:
+        ws.wait_for(lambda t, d: t == "rcca.live.frame" and d["session"] == session and d["frame"] >= 3, 120, "4 frames")
+        status, body = post(comfy_server, f"/rcca/live/{session}/edit", json.dumps({"regions_state": drawing(True)}).encode())
+        assert status == 200
+        ws.wait_for(lambda t, d: t == "rcca.live.frame" and d["session"] == session and d["seq"] == 1, 120, "edited frame")
+    finally:
+        stop(comfy_server, session)
+    status, body = comfy_server.post_json("/prompt", {"prompt": photo_prompt(comfy_server, SIZE // 2), "client_id": ws.client_id})
+    assert status == 200, body
+    error = ws.wait_for(lambda t, d: t == "execution_error", 300, "refused photo")
+    assert "Live Stream: the image is 64 x 64 px but the frames are 128 x 128 px" in error["exception_message"]
+    ws.close()
 
 
 def test_routes_validate_payloads_and_the_server_keeps_serving(comfy_server):

@@ -15,7 +15,10 @@ PACK_NODES = {
                                                      "self_attention_until"}),
     "RCCAStreamBatchLCMSampler": ("Stream Batch LCM Sampler", {
         "model", "positive", "negative", "latent_image", "timesteps", "schedule_steps", "seed", "region_mode", "cfg_mode",
-        "cfg", "compile", "decode", "palette", "timeline", "vae", "semantic_draw"}),
+        "cfg", "compile", "decode", "noise", "strength", "palette", "timeline", "vae", "semantic_draw", "image", "mask"}),
+    "RCCALiveStream": ("Live Stream", {
+        "model", "clip", "positive", "negative", "palette", "timesteps", "schedule_steps", "seed", "region_mode", "cfg_mode",
+        "cfg", "decode", "idle_timeout", "jpeg_quality", "noise", "strength", "vae", "image", "mask"}),
     "RCCAPaletteTimeline": ("Palette Timeline", {"palette", "frames", "timeline"}),
     "RCCASemanticDrawOptions": ("SemanticDraw Options", {"bootstrap_steps", "mask_std", "mask_strength", "mask_type", "cover_alpha"}),
 }
