@@ -274,6 +274,11 @@ class StreamBatch:
         """(mask, photo, first draw) per row when any slot inpaints; rows without a mask repaint all."""
         if not any(s.source is not None and s.source.mask is not None for s in slots):
             return None
+        first = slots[0]
+        if all(s.source is first.source for s in slots):  # one photo for every frame (live): broadcast, no copies
+            draws0 = first.draws[0].unsqueeze(0) if all(s.draws is first.draws for s in slots) \
+                else torch.stack([s.draws[0] for s in slots])
+            return first.source.mask.unsqueeze(0), first.source.latent.unsqueeze(0), draws0
         ms, photos = [], []
         for s in slots:
             if s.source is not None and s.source.mask is not None:
