@@ -10,11 +10,12 @@ ComfyUI's sampler (so the executor may load and unload models) and says "paused"
 Routes (JSON in and out; errors are {"error": message} with a 4xx status):
   POST /rcca/live/{session}/edit   {"regions_state": "<widget state>"}  -> {"seq": n}
                                    {"base_seq": n, "regions_state": "<delta>"}  -> {"seq": n + 1}
+  POST /rcca/live/{session}/photo  {"image": "data:image/png;base64,..." | null} -> {"photo_seq": n}
   POST /rcca/live/{session}/stop                                        -> {"stopped": true}
   GET  /rcca/live/{session}                                             -> status
 A delta's masks may refer to edit n's (see rcca_core.palette_state); a base_seq that is not the
 last accepted edit gets 409 with "full_state_needed": true. Bodies over MAX_BODY get 413.
-Websocket events to the session's client: rcca.live.frame {session, frame, seq, fps, image}
+Websocket events to the session's client: rcca.live.frame {session, frame, seq, photo_seq, fps, image}
 and rcca.live.status {session, state, reason, fps, frames, seq}.
 ComfyUI's Cancel (POST /interrupt) stops a streaming session too, with the reason CANCELLED.
 """
@@ -34,7 +35,7 @@ from comfy_api.latest import io
 
 from ..rcca_core.live import SESSION_ID, DeviceGate, LiveRegistry, LiveSession, StaleBase
 from ..rcca_core.palette import MAX_REGIONS, Palette, PaletteError
-from ..rcca_core.palette_state import MAX_STATE_BYTES, CanvasMismatch, read_state
+from ..rcca_core.palette_state import MAX_STATE_BYTES, CanvasMismatch, decode_photo, read_state
 from ..rcca_core.stream import DEFAULT_LCM_INDICES, NOISE_MODES
 from . import types
 from .palette import add_regions
@@ -68,9 +69,11 @@ class LiveRunner:
             self._contexts[r.spec.prompt] = r.context
             if r.negative_context is not None:
                 self._contexts[r.spec.negative] = r.negative_context
-        self.seq, self.condition = 0, runtime.condition(palette)
+        self.seq, self.condition, self.current = 0, runtime.condition(palette), palette
+        self.photo_seq = 0
         self._pending_edit: tuple | None = None
-        self._seq_of_frame: dict[int, int] = {}
+        self._pending_photo: tuple | None = None
+        self._seq_of_frame: dict[int, tuple[int, int]] = {}
         self._refused = False  # the widget shows a refusal until an edit applies again
 
     # -- prompts and states -------------------------------------------------------------------
@@ -91,10 +94,26 @@ class LiveRunner:
         try:
             palette = Palette.build(add_regions(specs, self.chained), self.palette.background, self.palette.width,
                                     self.palette.height, self._encode, drawn=len(specs))
-            self.seq, self.condition = seq, self.runtime.condition(palette)
+            self.seq, self.condition, self.current = seq, self.runtime.condition(palette), palette
         except (PaletteError, ValueError) as e:  # keep streaming the last good state
             self._refused = True
             self._status("running", f"edit {seq} refused: {e}; still showing edit {self.seq}")
+            return
+        if self._refused:
+            self._refused = False
+            self._status("running")
+
+    def _apply_photo(self, photo) -> None:
+        """A photo from the widget (or None): encoded with the node's VAE, outside the sampler."""
+        photo_seq, image = photo
+        try:
+            if self.runtime.set_image(image):  # other timesteps: the pipe restarts with this photo
+                self._seq_of_frame.clear()
+                self.condition = self.runtime.condition(self.current)
+            self.photo_seq = photo_seq
+        except (PaletteError, ValueError) as e:
+            self._refused = True
+            self._status("running", f"photo {photo_seq} refused: {e}; still showing photo {self.photo_seq}")
             return
         if self._refused:
             self._refused = False
@@ -109,8 +128,9 @@ class LiveRunner:
         buf = bytes_io.BytesIO()
         Image.fromarray(pixels).save(buf, format="JPEG", quality=self.jpeg_quality)
         fps = self.session.frame_done()
+        seq, photo_seq = self._seq_of_frame.pop(frame, (0, 0))
         self.server.send_sync("rcca.live.frame", {
-            "session": self.session.id, "frame": frame, "seq": self._seq_of_frame.pop(frame, 0), "fps": round(fps, 2),
+            "session": self.session.id, "frame": frame, "seq": seq, "photo_seq": photo_seq, "fps": round(fps, 2),
             "image": "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"),
         }, self.session.client_id)
         return image
@@ -124,7 +144,7 @@ class LiveRunner:
 
     def _tick(self, engine) -> list:
         frame = engine.push(self.condition, self.runtime.source(0))  # one image for every frame (or none)
-        self._seq_of_frame[frame] = self.seq
+        self._seq_of_frame[frame] = (self.seq, self.photo_seq)
         return engine.tick()
 
     def first_frame(self) -> torch.Tensor:
@@ -159,6 +179,10 @@ class LiveRunner:
                 return
             if turn >= TICKS_PER_TURN and GATE.others_waiting():
                 return  # another client's session takes its turn
+            photo = self.session.take_photo()
+            if photo is not None:
+                self._pending_photo = photo  # encode outside the sampler: the VAE may need loading
+                return
             edit = self.session.take_edit()
             if edit is not None:
                 if self._needs_encoding(edit[1]):
@@ -203,6 +227,10 @@ class LiveRunner:
             edit, self._pending_edit = self._pending_edit, None
             with torch.no_grad():
                 self._apply(edit)
+        if self._pending_photo is not None:
+            photo, self._pending_photo = self._pending_photo, None
+            with torch.no_grad():
+                self._apply_photo(photo)
         if self.session.state != "running":
             self._status("running")
         self.runtime.run(self._body)
@@ -275,7 +303,7 @@ class LiveStream(io.ComfyNode):
                                 strength=strength, mask=mask)
         session = LiveSession(server.client_id, idle_timeout, info={
             "node": unique_id, "palette_node": palette_node, "width": palette.width, "height": palette.height,
-            "chained_regions": len(palette.regions) - palette.drawn})
+            "chained_regions": len(palette.regions) - palette.drawn, "vae": vae is not None})
         runner = LiveRunner(session, runtime, server, clip, palette, jpeg_quality)
         REGISTRY.start(session)
         try:
@@ -390,6 +418,44 @@ async def edit_route(request):
     return web.json_response({"seq": seq})
 
 
+def _decode_photo(session: LiveSession, body: bytearray) -> int:
+    """Validate and decode one photo body, queue it; returns its photo_seq. Runs off the event loop."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _Refused(400, f'photo body must be JSON: {{"image": "data:image/png;base64,..."}} or {{"image": null}} ({e})') from None
+    if not isinstance(payload, dict) or set(payload) != {"image"} or not (payload["image"] is None or isinstance(payload["image"], str)):
+        raise _Refused(400, 'photo body must be {"image": "data:image/png;base64,..."} (a PNG of the canvas size) '
+                            'or {"image": null} (draw without a photo again)')
+    if not session.info.get("vae"):
+        raise _Refused(409, "drawing over a photo encodes it with the Live Stream node's VAE, and none is connected; "
+                            "connect a VAE to the Live Stream node and press Live again")
+    width, height = session.info.get("width"), session.info.get("height")
+    try:
+        image = None if payload["image"] is None else decode_photo(payload["image"], width, height)
+        return session.set_photo(image)
+    except PaletteError as e:
+        raise _Refused(400, str(e)) from None
+    except RuntimeError as e:  # the session stopped meanwhile
+        raise _Refused(409, str(e)) from None
+
+
+async def photo_route(request):
+    from aiohttp import web
+
+    session, error = _session_or_error(request)
+    if error:
+        return error
+    body = await _read_body(request, MAX_BODY)
+    if body is None:
+        return _error(413, f"photo body is larger than {MAX_STATE_BYTES // 2**20} MiB; send a smaller PNG")
+    try:
+        photo_seq = await asyncio.get_running_loop().run_in_executor(None, _decode_photo, session, body)
+    except _Refused as e:
+        return _error(e.status, str(e), **e.extra)
+    return web.json_response({"photo_seq": photo_seq})
+
+
 async def stop_route(request):
     from aiohttp import web
 
@@ -424,5 +490,6 @@ def register_routes() -> None:
         return
     server.add_on_prompt_handler(_hold_off_live_workers)
     server.routes.post("/rcca/live/{session}/edit")(edit_route)
+    server.routes.post("/rcca/live/{session}/photo")(photo_route)
     server.routes.post("/rcca/live/{session}/stop")(stop_route)
     server.routes.get("/rcca/live/{session}")(status_route)

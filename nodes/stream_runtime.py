@@ -102,6 +102,8 @@ class StreamRuntime:
         self.model = model
         self.latent_shape = (channels, h, w)
         self.noise = noise
+        self.node, self.strength, self._mask_in = node, strength, mask
+        self._timesteps, self._schedule_steps = timesteps, schedule_steps
         self.sigmas, self.initial_scale = stream_sigmas(model, timesteps, schedule_steps,
                                                         strength if image is not None else None)
         self._image_latents, self._image_masks = self._encode_image(image, mask, vae, frames, node)
@@ -117,9 +119,9 @@ class StreamRuntime:
         self.guider = comfy.samplers.CFGGuider(self.patched)
         self.guider.set_conds(positive, negative)
         self.guider.set_cfg(cfg if cfg_mode == "full" else 1.0)
-        widest = 1 + max((len(s.regions) for s in states), default=0) if region_mode == "semantic_draw" else 1
-        self._rows = len(self.sigmas) * widest  # sizes ComfyUI's memory estimate for the widest tick
+        self._widest = 1 + max((len(s.regions) for s in states), default=0) if region_mode == "semantic_draw" else 1
         self._call: Callable | None = None
+        self._first_frame = 0
         self._semantic_draw: SemanticDrawDenoiser | None = None
         self._on_tick: Callable | None = None
         self.engine: StreamBatch | None = None
@@ -174,6 +176,25 @@ class StreamRuntime:
 
             mask = comfy.sampler_helpers.prepare_mask(mask, (mask.shape[0], channels, h, w), "cpu")
         return latent, mask
+
+    def set_image(self, image) -> bool:
+        """Live: draw over `image` from now on (None: text-to-image again), with the node's strength
+        and mask. Frames in flight keep theirs when the timesteps stay; when they change (strength
+        keeps fewer than the full list) the pipe restarts, frame numbers continuing. Returns whether
+        it restarted. Call outside run(): the VAE may need loading."""
+        sigmas, scale = stream_sigmas(self.model, self._timesteps, self._schedule_steps,
+                                      self.strength if image is not None else None)
+        latents, masks = self._encode_image(image, self._mask_in if image is not None else None, self.vae, None, self.node)
+        self._image_latents, self._image_masks, self._sources = latents, masks, None
+        restart = sigmas != self.sigmas
+        if restart:
+            self.sigmas, self.initial_scale = sigmas, scale
+            if self.engine is not None:
+                self._first_frame = self.engine.next_frame
+            self.engine = None  # rebuilt by the next run(), with its sources
+        elif self.engine is not None:
+            self._make_sources(torch.empty(0, device=self.engine.device, dtype=self.engine.dtype))
+        return restart
 
     def source(self, frame: int) -> ImageSource | None:
         """Frame `frame`'s image (None without image-to-image); valid inside run()."""
@@ -271,7 +292,8 @@ class StreamRuntime:
             if self.engine is None:
                 self.engine = StreamBatch(self._denoise, self.sigmas, self.latent_shape, self.seed, self.initial_scale,
                                           residual_cfg=self.cfg if self.cfg_mode == "self" else None,
-                                          device=x.device, dtype=x.dtype, fixed_batch=self.compiled, noise=self.noise)
+                                          device=x.device, dtype=x.dtype, fixed_batch=self.compiled, noise=self.noise,
+                                          first_frame=self._first_frame)
                 self._make_sources(x)
                 if self.region_mode == "semantic_draw":
                     fill = self._white_latent().to(x) if self.vae is not None else None
@@ -284,7 +306,7 @@ class StreamRuntime:
                 self._call = None
             return x
 
-        rows = torch.zeros((self._rows, *self.latent_shape))
+        rows = torch.zeros((self.depth * self._widest, *self.latent_shape))  # sizes ComfyUI's memory estimate
         with torch.no_grad():  # ComfyUI runs nodes under inference mode; other threads and direct callers get the same
             self.guider.sample(rows, rows, comfy.samplers.KSAMPLER(sampler), torch.tensor(self.sigmas + [0.0]),
                                disable_pbar=True, seed=self.seed)

@@ -42,6 +42,8 @@ class LiveSession:
         self._kept: Any = None  # what the last accepted edit decoded to (the base of a delta)
         self._last_activity = clock()
         self._stop_reason: str | None = None
+        self._pending_photo: tuple[int, Any] | None = None
+        self._photo_seq = 0
         self._frame_times: deque[float] = deque(maxlen=30)
         self.frames = 0
         self.state = "starting"
@@ -73,6 +75,22 @@ class LiveSession:
     def _stale_message(self, base_seq: int) -> str:
         last = f"the last accepted edit is {self._seq}" if self._kept is not None else "no edit was accepted yet"
         return f"base_seq {base_seq} is not the last accepted edit of this session ({last}); send the full state, without base_seq"
+
+    def set_photo(self, photo: Any) -> int:
+        """Queue a new photo to draw over (None: none); a pending one is replaced. Returns its
+        number (photo_seq), counted apart from the drawing's edits so deltas keep their base."""
+        with self._lock:
+            if self._stop_reason is not None:
+                raise RuntimeError(f"session stopped ({self._stop_reason})")
+            self._photo_seq += 1
+            self._pending_photo = (self._photo_seq, photo)
+            self._last_activity = self._clock()
+            return self._photo_seq
+
+    def take_photo(self) -> tuple[int, Any] | None:
+        with self._lock:
+            pending, self._pending_photo = self._pending_photo, None
+            return pending
 
     def touch(self) -> None:
         with self._lock:
@@ -127,7 +145,8 @@ class LiveSession:
 
     def status(self) -> dict:
         return {"session": self.id, "state": "stopped" if self.stopped else self.state, "reason": self._stop_reason,
-                "frames": self.frames, "fps": round(self.fps, 2), "seq": self._seq, **self.info}
+                "frames": self.frames, "fps": round(self.fps, 2), "seq": self._seq, "photo_seq": self._photo_seq,
+                **self.info}
 
 
 class LiveRegistry:

@@ -103,6 +103,22 @@ def decode_mask(data: str, width: int, height: int, what: str) -> torch.Tensor:
     return _coverage(img, f"{what}: mask PNG")
 
 
+def decode_photo(data: str, width: int, height: int, what: str = "photo") -> torch.Tensor:
+    """A PNG data URL of exactly width x height -> (1, height, width, 3) float32 RGB in [0, 1] (an
+    IMAGE). The size is checked from the header, before any pixel is decoded; alpha is dropped."""
+    img = _open_png(data, what)
+    if img.size != (width, height):
+        img.close()
+        raise PaletteError(f"{what} is {img.size[0]} x {img.size[1]} px but the canvas is {width} x {height} px; "
+                           "send it drawn at the canvas size")
+    try:
+        with img:
+            values = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
+        raise PaletteError(f"{what} cannot be decoded ({type(e).__name__}: {e})") from None
+    return torch.from_numpy(values).unsqueeze(0)
+
+
 def _planned_mask(mask: Any, width: int, height: int, base: Sequence[torch.Tensor] | None, what: str):
     """Check one region's mask field without decoding pixels. Returns (base index or None, opened
     PNG or None, patch x, patch y): a full PNG, an unchanged base mask, or a base mask with a patch."""

@@ -139,12 +139,13 @@ class StreamBatch:
     fixed_batch: always call the denoiser with S rows (warm-up and flush ticks repeat the last
     slot and drop its copies), so a compiled model or a CUDA graph sees one shape only.
     noise: 'per_frame' (frame f's draws from seed + f) or 'fixed' (every frame uses frame 0's draws).
+    first_frame: the index of the first frame pushed.
     """
 
     def __init__(self, denoiser: Denoiser, sigmas: Sequence[float], latent_shape: Sequence[int], seed: int = 0,
                  initial_scale: float | None = None, residual_cfg: float | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, fixed_batch: bool = False,
-                 noise: str = "per_frame") -> None:
+                 noise: str = "per_frame", first_frame: int = 0) -> None:
         if noise not in NOISE_MODES:
             raise PaletteError(f"noise must be one of {', '.join(NOISE_MODES)}, got {noise!r}")
         sigmas = [float(s) for s in sigmas]
@@ -164,13 +165,18 @@ class StreamBatch:
         self.noise = noise
         self._fixed_draws: torch.Tensor | None = None
         self._slots: list[_Slot] = []
-        self._next_frame = 0
+        self._next_frame = int(first_frame)  # a restarted live stream keeps counting
         self._sigma_tensors: dict[tuple[int, ...], torch.Tensor] = {}
 
     @property
     def depth(self) -> int:
         """S: the number of steps, and of frames in flight once warm."""
         return len(self.sigmas)
+
+    @property
+    def next_frame(self) -> int:
+        """The index the next pushed frame gets."""
+        return self._next_frame
 
     @property
     def in_flight(self) -> int:

@@ -27,7 +27,10 @@ def live_prompt(server, idle_timeout=120.0, size=SIZE, **live_inputs):
     prompt["1"]["inputs"]["ckpt_name"] = server.ckpt_name
     prompt["4"]["inputs"]["idle_timeout"] = idle_timeout
     prompt["4"]["inputs"]["decode"] = "latent2rgb"  # the stream, not the VAE, is under test
-    prompt["4"]["inputs"].update(live_inputs)
+    for key, value in live_inputs.items():  # None: leave the input out
+        prompt["4"]["inputs"][key] = value
+        if value is None:
+            del prompt["4"]["inputs"][key]
     prompt["2"]["inputs"].update(width=size, height=size)  # its 512 px drawing is resized (same aspect ratio)
     return prompt
 
@@ -155,6 +158,56 @@ def test_live_draws_over_a_photo_and_refuses_a_photo_of_another_size(comfy_serve
     error = ws.wait_for(lambda t, d: t == "execution_error", 300, "refused photo")
     assert "Live Stream: the image is 64 x 64 px but the frames are 128 x 128 px" in error["exception_message"]
     ws.close()
+
+
+def photo_png(size=SIZE, fmt="PNG") -> str:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(4)
+    pixels = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def test_the_widget_photo_route_draws_over_a_photo_and_clearing_it_restores_the_stream(comfy_server):
+    ws = WsClient(comfy_server.url)
+    session = start_live(comfy_server, ws)
+    frame_of = lambda cond, what: ws.wait_for(lambda t, d: t == "rcca.live.frame" and d["session"] == session and cond(d),
+                                                120, what)
+    photo = lambda body: post(comfy_server, f"/rcca/live/{session}/photo", json.dumps(body).encode())
+    try:
+        before = frame_of(lambda d: d["frame"] >= 4, "5 frames")
+        for body, status, message in [
+            ({"image": photo_png(SIZE // 2)}, 400, "photo is 64 x 64 px but the canvas is 128 x 128 px"),
+            ({"image": photo_png(fmt="JPEG")}, 400, "photo must be a 'data:image/png;base64,...' string"),
+            ({"image": 3}, 400, 'photo body must be {"image"'),
+            ({"image": None, "strength": 1}, 400, 'photo body must be {"image"'),
+        ]:
+            got = photo(body)
+            assert got[0] == status and message in got[1]["error"], got
+        assert photo({"image": photo_png()}) == (200, {"photo_seq": 1})
+        first = frame_of(lambda d: d["photo_seq"] == 1, "a frame over the photo")
+        assert first["frame"] > before["frame"] and first["seq"] == 0
+        steady = frame_of(lambda d: d["photo_seq"] == 1 and d["frame"] >= first["frame"] + 3, "steady over the photo")
+        assert steady["image"] != before["image"]
+        assert comfy_server.get_json(f"/rcca/live/{session}")["photo_seq"] == 1
+        # without the photo again: same drawing, same fixed noise, the full timestep list: the same picture as before
+        assert photo({"image": None}) == (200, {"photo_seq": 2})
+        cleared = frame_of(lambda d: d["photo_seq"] == 2, "a frame without the photo")
+        again = frame_of(lambda d: d["photo_seq"] == 2 and d["frame"] >= cleared["frame"] + 3, "steady without the photo")
+        assert again["image"] == before["image"]
+    finally:
+        stop(comfy_server, session)
+        ws.close()
+    ws = WsClient(comfy_server.url)
+    session = start_live(comfy_server, ws, vae=None)
+    try:
+        got = photo({"image": photo_png()})
+        assert got[0] == 409 and "connect a VAE to the Live Stream node" in got[1]["error"], got
+    finally:
+        stop(comfy_server, session)
+        ws.close()
 
 
 def test_routes_validate_payloads_and_the_server_keeps_serving(comfy_server):
