@@ -39,7 +39,7 @@ function liveRecord(nodeId) {
   let rec = liveByNode.get(key);
   if (!rec) {
     rec = { session: null, state: "off", reason: "", cancelStart: false, fps: 0, frames: 0, lastFrame: null, frameImage: null,
-            lastEditSeq: null, error: "", width: 0, height: 0 };
+            lastEditSeq: null, photoSeq: 0, error: "", width: 0, height: 0 };
     liveByNode.set(key, rec);
   }
   return rec;
@@ -66,13 +66,15 @@ export function installLiveRouting() {
       // queueing again (Run, or Live) replaces the session; the old one's late events are ignored
       if (rec.session && rec.session !== info.session) nodeOfSession.delete(rec.session);
       Object.assign(rec, { session: info.session, state: "running", reason: "", error: "", width: info.width,
-                           height: info.height, lastEditSeq: null, frames: 0 });
+                           height: info.height, lastEditSeq: null, photoSeq: 0, frames: 0 });
       nodeOfSession.set(info.session, String(info.palette_node));
       // the node renders its first frame before it reports the session, so that frame came first
       const early = earlyFrames.get(info.session);
       earlyFrames.delete(info.session);
       if (early) applyFrame(rec, early);
-      canvasOfNode(info.palette_node)?.renderLive();
+      const canvas = canvasOfNode(info.palette_node);
+      if (canvas?.usePhoto && canvas.background) canvas.sendPhoto(); // the trace image, as the photo to draw over
+      canvas?.renderLive();
     }
   });
   api.addEventListener("rcca.live.frame", (event) => {
@@ -133,7 +135,7 @@ export function installLiveRouting() {
 }
 
 function applyFrame(rec, d) {
-  rec.lastFrame = { frame: d.frame, seq: d.seq, fps: d.fps };
+  rec.lastFrame = { frame: d.frame, seq: d.seq, photoSeq: d.photo_seq ?? 0, fps: d.fps };
   rec.frameImage = d.image;
   rec.frames += 1;
   if (typeof d.fps === "number") rec.fps = d.fps;
@@ -281,7 +283,8 @@ export class PaletteCanvas {
     this.tool = { size: 24, opacity: 1, eraser: false };
     this.undoStack = [];
     this.redoStack = [];
-    this.background = null; // ImageBitmap, display only: never saved
+    this.background = null; // ImageBitmap, display only: never saved (live may send it as the photo)
+    this.usePhoto = false; // live: the frames start from the trace image (image-to-image)
     this.stroke = null;
     // baseSession/baseSeq: the last edit the session accepted from this widget (deltas refer to it)
     this.liveSend = { inflight: false, again: false, lastAt: 0, baseSession: null, baseSeq: null };
@@ -331,11 +334,14 @@ export class PaletteCanvas {
     const bgLabel = el("label", { class: "rcca-btn", title: "Trace over a local image (display only, never saved)",
                                   text: "image…" }, [this.fileInput]);
     this.bgClearButton = btn("×", "Remove the background image", () => this.setBackground(null), "rcca-bg-clear");
+    this.photoButton = btn("photo", "Live: draw over the trace image (the frames start from it, noised by the Live Stream " +
+                           "node's strength and encoded with its VAE); press again to draw without it",
+                           () => this.togglePhoto(), "rcca-photo");
     this.liveButton = btn("Live", "Live: queue this graph's Live Stream node and stream frames while you paint; press again to stop",
                           () => this.toggleLive(), "rcca-live-toggle");
     const bar = el("div", { class: "rcca-bar" }, [
       this.addButton, this.sizeInput, this.sizeLabel, this.opacityInput, this.opacityLabel, this.eraserButton,
-      this.undoButton, this.redoButton, this.clearButton, this.fillButton, bgLabel, this.bgClearButton,
+      this.undoButton, this.redoButton, this.clearButton, this.fillButton, bgLabel, this.bgClearButton, this.photoButton,
     ]);
     this.regionList = el("div", { class: "rcca-regions" });
 
@@ -390,6 +396,7 @@ export class PaletteCanvas {
     this.clearButton.disabled = this.fillButton.disabled = !hasActive;
     this.addButton.disabled = this.regions.length >= MAX_REGIONS;
     this.bgClearButton.disabled = !this.background;
+    this.photoButton.setAttribute("aria-pressed", String(this.usePhoto));
   }
 
   renderRegionList() {
@@ -729,6 +736,39 @@ export class PaletteCanvas {
     this.background = bitmap;
     this.syncToolbar();
     this.scheduleRender();
+    if (this.usePhoto) this.sendPhoto();
+  }
+
+  togglePhoto() {
+    this.usePhoto = !this.usePhoto;
+    this.syncToolbar();
+    this.sendPhoto();
+  }
+
+  /** Live: send the trace image (drawn at the canvas size, as it is shown) as the photo the frames
+   * start from, or null to draw without one (README, "Live drawing"). */
+  sendPhoto() {
+    const rec = this.live;
+    const session = rec.session;
+    if (!session) return;
+    let image = null;
+    if (this.usePhoto && this.background) {
+      const c = document.createElement("canvas");
+      c.width = this.width;
+      c.height = this.height;
+      c.getContext("2d").drawImage(this.background, 0, 0, this.width, this.height);
+      image = c.toDataURL("image/png");
+    }
+    api.fetchApi(`/rcca/live/${session}/photo`, { method: "POST", headers: { "Content-Type": "application/json" },
+                                                  body: JSON.stringify({ image }) })
+      .then(async (res) => {
+        const reply = await res.json().catch(() => ({}));
+        if (session !== rec.session) return;
+        if (res.ok) rec.photoSeq = reply.photo_seq;
+        else rec.error = `photo refused: ${reply.error ?? `HTTP ${res.status}`}`;
+        this.renderLive();
+      })
+      .catch((e) => { rec.error = `photo: ${e.message}`; this.renderLive(); });
   }
 
   setError(message) {
@@ -1039,7 +1079,8 @@ export class PaletteCanvas {
     this.liveBox.style.display = showFrames ? "" : "none";
     if (rec.frameImage && this.frameImg.getAttribute("src") !== rec.frameImage) this.frameImg.src = rec.frameImage;
     const f = rec.lastFrame;
-    this.frameCaption.textContent = f ? `frame ${f.frame} · ${Number(f.fps ?? 0).toFixed(1)} frames/s · edit ${f.seq}` : "waiting for the first frame…";
+    this.frameCaption.textContent = f ? `frame ${f.frame} · ${Number(f.fps ?? 0).toFixed(1)} frames/s · edit ${f.seq}` +
+      (f.photoSeq ? ` · photo ${f.photoSeq}` : "") : "waiting for the first frame…";
     const on = !!rec.session || rec.state === "starting";
     this.liveButton.setAttribute("aria-pressed", String(on));
     this.liveButton.textContent = rec.state === "starting" ? "Live… (stop)" : on ? "Stop live" : "Live";

@@ -362,7 +362,7 @@ def test_live_events_drive_the_widget(page, browser_server):
     info = page.evaluate("""() => { const c = rccaTest.palette().rccaCanvas;
         return { session: c.session, lastFrame: c.lastFrame, src: c.frameImg.src, shown: c.liveBox.style.display,
                  caption: c.frameCaption.textContent, pressed: c.liveButton.getAttribute('aria-pressed') }; }""")
-    assert info["session"] == session and info["lastFrame"] == {"frame": 3, "seq": 2, "fps": 4.5}
+    assert info["session"] == session and info["lastFrame"] == {"frame": 3, "seq": 2, "photoSeq": 0, "fps": 4.5}
     assert info["src"] == jpeg and info["shown"] == "" and info["pressed"] == "true"
     assert "frame 3" in info["caption"] and "4.5 frames/s" in info["caption"]
     api_call(page, f"""(api) => api.dispatchEvent(new CustomEvent('rcca.live.status', {{ detail:
@@ -453,6 +453,34 @@ def test_live_frames_follow_edits(page, browser_server, live_available, decode):
     page.locator(".rcca-pal button.rcca-live-toggle").click()
     wait_for(page, "() => rccaTest.palette().rccaCanvas.session === null && rccaTest.palette().rccaCanvas.liveState === 'stopped'")
     print(f"live: first frames after {started:.1f}s, {last['fps']} frames/s")
+
+
+def test_live_draws_over_the_trace_image(page, browser_server, live_available, tmp_path):
+    """The "photo" toggle sends the trace image (at the canvas size) as the photo the frames start from."""
+    if not live_available:
+        pytest.skip("RCCALiveStream not available yet")
+    from PIL import Image
+
+    picture = tmp_path / "photo.png"
+    Image.new("RGB", (96, 64), (30, 90, 200)).save(picture)  # another size: the widget sends it as it shows it
+    build(page, browser_server.ckpt_name, live=True)
+    add_region_in_ui(page, "fox", "a red fox")
+    page.locator(".rcca-pal input.rcca-bg-file").set_input_files(str(picture))
+    wait_for(page, "() => rccaTest.palette().rccaCanvas.background !== null")
+    photo = page.locator(".rcca-pal button.rcca-photo")
+    photo.click()
+    assert photo.get_attribute("aria-pressed") == "true"
+    start_live(page, browser_server)
+    wait_for(page, "() => rccaTest.palette().rccaCanvas.live.photoSeq === 1", timeout=60_000)
+    wait_for(page, "() => rccaTest.palette().rccaCanvas.lastFrame.photoSeq === 1", timeout=120_000)
+    assert "photo 1" in page.locator(".rcca-pal .rcca-caption").inner_text()
+    status = page.locator(".rcca-pal .rcca-status").inner_text()
+    assert "refused" not in status and "error" not in status.lower(), status
+    photo.click()  # off: the frames are text-to-image again
+    wait_for(page, "() => rccaTest.palette().rccaCanvas.lastFrame.photoSeq === 2", timeout=120_000)
+    assert "trace" not in json.dumps(page.evaluate("() => app.graph.serialize()"))
+    page.locator(".rcca-pal button.rcca-live-toggle").click()
+    wait_for(page, "() => rccaTest.palette().rccaCanvas.session === null")
 
 
 def record_edits(page):
