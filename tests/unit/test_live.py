@@ -108,3 +108,15 @@ def test_one_worker_inside_at_a_time_and_turns_are_signalled():
     assert not gate.try_enter("a")
     gate.forget("a")
     assert not gate.others_waiting()
+
+
+def test_photos_replace_pending_ones_and_count_apart_from_edits():
+    s = LiveSession("client", clock=Clock())
+    assert s.edit("drawing", kept=["mask"]) == 1
+    assert s.set_photo("a") == 1 and s.set_photo(None) == 2
+    assert s.take_photo() == (2, None) and s.take_photo() is None
+    assert s.seq == 1 and s.status()["photo_seq"] == 2  # a delta against edit 1 stays valid
+    assert s.base(1) == ["mask"]
+    s.stop("stopped by the user")
+    with pytest.raises(RuntimeError, match="stopped"):
+        s.set_photo("b")

@@ -135,3 +135,18 @@ def test_sizes_are_checked_before_any_pixel_is_decoded():
         read_state(state([region("x", broken_png(16, 8))] * 3), max_pixels=300)
     with pytest.raises(PaletteError, match="cannot be decoded"):  # the budget counts what it decodes
         read_state(state([region("x", broken_png(16, 8))] * 3), max_pixels=384)
+
+
+def test_a_photo_is_decoded_to_an_image_and_its_size_checked_from_the_header():
+    from rcca_core.palette_state import decode_photo
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (16, 8), (255, 0, 51, 10)).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    image = decode_photo(url, 16, 8)
+    assert image.shape == (1, 8, 16, 3) and image.dtype == torch.float32
+    torch.testing.assert_close(image[0, 0, 0], torch.tensor([1.0, 0.0, 0.2]))  # alpha dropped
+    with pytest.raises(PaletteError, match="photo is 16 x 8 px but the canvas is 8 x 8 px"):
+        decode_photo(url, 8, 8)
+    with pytest.raises(PaletteError, match="must be a 'data:image/png;base64,...' string"):
+        decode_photo("data:image/jpeg;base64,AAAA", 16, 8)
