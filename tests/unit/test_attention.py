@@ -461,3 +461,117 @@ def test_self_attention_keeps_to_regions_early_and_only_on_prompt_rows():
     late = [_self_attention(layer, rcca, to, t, h, w, [0, 1], sigma=1.0).view(2, h, w, DIM) for t in (x, other)]
     assert (late[0][0, :, : w // 2] - late[1][0, :, : w // 2]).abs().max() > 1e-3  # below self_sigma_end: plain
     torch.testing.assert_close(late[0], sdpa_attention(layer.to_q(x), layer.to_q(x), layer.to_q(x), HEADS).view(2, h, w, DIM))
+
+
+# -- low precision ---------------------------------------------------------------------------
+# Tolerances: bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 0.2 %), fp16 11 bits (0.05 %).
+# The layer outputs are compared with the same layer in float32 on the same (rounded) weights and
+# inputs, so the difference is what RCCA's bias path and the half-precision attention add; the
+# attention shares are read back from the bias the attention function received.
+LOW_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}  # max abs error / max |output|
+SHARE_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _half_ops_missing(dtype) -> str | None:
+    """The op this CPU build lacks for `dtype`, if any (fp16 matmul / SDPA are missing on some CPUs)."""
+    a = torch.randn(1, 2, 4, 8).to(dtype)
+    for name, op in (("matmul", lambda: a @ a.transpose(-1, -2)),
+                     ("scaled_dot_product_attention", lambda: torch.nn.functional.scaled_dot_product_attention(
+                         a, a, a, attn_mask=torch.zeros(1, 1, 4, 4, dtype=dtype))),
+                     ("linear", lambda: torch.nn.functional.linear(a, torch.ones(8, 8, dtype=dtype))),
+                     ("softmax", lambda: a.softmax(-1))):
+        try:
+            op()
+        except (RuntimeError, NotImplementedError) as e:
+            return f"{name} in {dtype} is not implemented on this CPU ({str(e).splitlines()[0][:80]})"
+    return None
+
+
+def _low_precision_palette(mode):
+    """Soft ramps with a region negative and a corner no prompt covers (rows that fall back to block 0)."""
+    ramp = torch.linspace(0, 1, 32).expand(24, 32).contiguous()
+    dog, cat = ramp * 0.5, (1 - ramp) * 0.7
+    cat[:, :8] = 0.0  # left quarter: dog < 0.5 and cat 0 -> hard mode falls back to the background there
+    return [RegionSpec("a dog", dog), RegionSpec("a cat", cat, negative="extra legs")]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_half_precision_matches_float32(dtype, mode):
+    missing = _half_ops_missing(dtype)
+    if missing:
+        pytest.skip(missing)
+    h, w = 6, 8
+    layer, palette, rcca, to = make(_low_precision_palette(mode), mode=mode, self_sigma_end=1.0)
+    low = CrossAttention(DIM, CTX_DIM, HEADS)
+    low.load_state_dict(layer.state_dict())
+    low = low.to(dtype)
+    ref_layer = CrossAttention(DIM, CTX_DIM, HEADS)
+    ref_layer.load_state_dict({k: v.float() for k, v in low.state_dict().items()})  # the rounded weights, in fp32
+    x = queries(2, h, w).to(dtype)
+    own = torch.cat([encode("bg"), encode("blurry")]).to(dtype)
+    outs = {}
+    for name, lay, dt in (("low", low, dtype), ("ref", ref_layer, torch.float32)):
+        rcca.layers[KEY] = lay
+        opts = {**to, "cond_or_uncond": [0, 1]}
+        cross = run_layer(lay, x.to(dt), own.to(dt), h, w, opts)
+        self_ = _self_attention(lay, rcca, to, x.to(dt), h, w, [0, 1], sigma=10.0)
+        outs[name] = (cross, self_)
+    for got, want in zip(outs["low"], outs["ref"]):
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        scale = want.abs().max()
+        assert (got.float() - want).abs().max() <= LOW_TOL[dtype] * scale
+    if mode == "hard":  # fallback rows (left quarter): exactly the background prompt's attention, in dtype too
+        rcca.layers[KEY] = low
+        cross = run_layer(low, x[:1], own[:1], h, w, {**to, "cond_or_uncond": [0]}).view(1, h, w, DIM)
+        bg = plain(low, x[:1], own[:1], h, w).view(1, h, w, DIM)
+        torch.testing.assert_close(cross[:, :, :2], bg[:, :, :2], atol=LOW_TOL[dtype] * float(bg.detach().abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_soft_shares_are_the_coverage(dtype):
+    """The normalisation runs in float32 from the half-precision q / k, so the attention function,
+    adding the half-precision bias to its logits, still gives every prompt its coverage."""
+    missing = _half_ops_missing(dtype)
+    if missing:
+        pytest.skip(missing)
+    h, w = 6, 8
+    ramp = torch.linspace(0, 1, 32).expand(24, 32).contiguous()
+    layer, palette, rcca, to = make([RegionSpec("a dog", ramp * 0.5), RegionSpec("a cat", (1 - ramp) * 0.7)])
+    layer = layer.to(dtype)
+    rcca.layers[KEY] = layer
+    seen = {}
+
+    def capture(func, q, k, v, heads, mask=None, **kw):
+        seen.update(q=q, k=k, mask=mask)
+        return func(q, k, v, heads, mask=mask, **kw)
+
+    rcca.previous_override = capture
+    out = run_layer(layer, queries(1, h, w).to(dtype), encode("bg").to(dtype), h, w, {**to, "cond_or_uncond": [0]})
+    assert seen["mask"].dtype == dtype and torch.isfinite(out).all()
+    assert torch.isfinite(seen["mask"]).any(-1).all()  # every row keeps a finite entry in dtype
+    counts = [encode("bg").shape[1]] + [r.context.shape[1] for r in palette.regions]
+    got = _masses64(seen["q"], seen["k"], seen["mask"], HEADS, counts)
+    cov = torch.nn.functional.interpolate(palette.region_coverage().double(), size=(h, w), mode="area").flatten(2)
+    m = torch.cat([(1 - cov.sum(1, keepdim=True)).clamp(0, 1), cov], dim=1).transpose(1, 2).unsqueeze(1)
+    m = torch.where(m > 1e-4, m, torch.zeros_like(m))
+    want = (m / m.sum(-1, keepdim=True)).expand(-1, HEADS, -1, -1)
+    torch.testing.assert_close(got, want, atol=SHARE_TOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_bias_keeps_fallback_rows_and_no_nan(dtype):
+    """region_bias works in float32 whatever the coverage dtype; cast to half, -inf stays -inf,
+    every row keeps a finite entry, and a softmax over an all-unfavourable row is still finite."""
+    weights = torch.tensor([[[0.0, 0.2, 1.0], [0.0, 0.0, 0.0], [0.0, 0.9, 0.0]]]).to(dtype)
+    for mode in ("soft", "hard"):
+        bias = region_bias(weights, [2, 1, 3], mode)
+        assert bias.dtype == torch.float32
+        half = bias.to(dtype)
+        assert torch.isfinite(half).any(-1).all() and not torch.isnan(half).any()
+        assert half[0, 0, 0] == 0  # the row no prompt covers falls back to block 0
+        # logits that strongly favour the masked-out tokens: the allowed ones still share the row
+        logits = torch.tensor([-60.0, -60.0, 60.0, 60.0, 60.0, 60.0], dtype=torch.float32).to(dtype)
+        probs = torch.softmax((logits + half).float(), dim=-1)
+        assert torch.isfinite(probs).all()
+        torch.testing.assert_close(probs[0, 0, :2].sum(), torch.tensor(1.0))
