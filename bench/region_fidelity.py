@@ -9,8 +9,10 @@ the result is read from the sampled latent by the concept world's own classifier
 
 Methods, side by side on the same layouts, seeds and samplers:
   rcca_soft / rcca_hard  RCCA Attention Patch + core KSampler
-  core_masks             ComfyUI's ConditioningSetMask (default area, strength 1) per region,
+  core_masks             ComfyUI's ConditioningSetMask (default area, strength = opacity) per region,
                          ConditioningCombine with the unmasked background, as users wire it
+  core_masks_tuned       the same with the background masked by 1 - the regions' union and every
+                         mask set to "mask bounds": the best core graph found by hand
   stream_rcca / stream_semantic_draw   Stream Batch LCM Sampler (4 LCM steps; lcm only)
   oracle                 every pixel from its own prompt sampled alone (upper bound)
   background             the background prompt alone (lower bound)
@@ -27,6 +29,7 @@ Prints one JSON object, then a markdown table.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import sys
@@ -43,7 +46,9 @@ import common  # noqa: E402
 LATENT = 32          # latent cells per side
 CANVAS = LATENT * 8  # pixels
 SAMPLERS = {"euler": ("euler", "normal", 20), "lcm": ("lcm", "sgm_uniform", 4)}
-STREAM_TIMESTEPS = "0, 12, 24, 36"
+STREAM_TIMESTEPS = os.environ.get("RF_TIMESTEPS", "0, 12, 24, 36")
+SEMANTIC_DRAW_DEFAULTS = {"bootstrap_steps": 1, "mask_std": 8.0, "mask_strength": 1.0, "mask_type": "continuous",
+                          "cover_alpha": 0.3}
 
 
 # -- layouts ---------------------------------------------------------------------------------
@@ -90,6 +95,10 @@ class World:
 
     def classify(self, latent: torch.Tensor) -> torch.Tensor:
         return self.m.classify(latent)
+
+    def prototypes(self) -> torch.Tensor:
+        """(concepts, 4) latent-space colours, rows in CONCEPTS order."""
+        return self.m.prototypes("latent")
 
     def display_colors(self) -> list[tuple[int, int, int]]:
         """A colour per concept for the class maps: its latent2rgb preview colour, brightened."""
@@ -149,9 +158,11 @@ class Runner:
     def prompt(self, concept: str) -> str:
         return self.world.prompt(concept)
 
-    def ksample(self, model, positive, seed: int, cfg: float, sampler: str):
+    def ksample(self, model, positive, seed: int, cfg: float, sampler: str, batch: int = 1):
+        """(batch, 4, LATENT, LATENT): ComfyUI draws one noise per batch entry from the seed, so a
+        batch is `batch` independent samples for the price of one sampler call."""
         name, scheduler, steps = SAMPLERS[sampler]
-        latent = self.host.nodes.EmptyLatentImage().generate(CANVAS, CANVAS, 1)[0]
+        latent = self.host.nodes.EmptyLatentImage().generate(CANVAS, CANVAS, batch)[0]
         return self.host.nodes.KSampler().sample(model, seed, steps, cfg, name, scheduler, positive,
                                                  self.encode(""), latent)[0]["samples"]
 
@@ -163,34 +174,52 @@ class Runner:
         return self.node("RCCARegionalPromptPalette").execute(
             self.clip, self.prompt(layout.background), CANVAS, CANVAS, regions).result[:2]
 
-    def run(self, method: str, layout: Layout, seed: int, cfg: float, sampler: str) -> torch.Tensor:
-        if method.startswith("rcca_"):  # rcca_soft, rcca_hard, rcca_soft_self (self_attention_until 0.3)
+    def run(self, method: str, layout: Layout, seed: int, cfg: float, sampler: str, batch: int = 1,
+            **patch_options) -> torch.Tensor:
+        """(batch, 4, LATENT, LATENT) samples of `layout` by `method`. patch_options override the
+        RCCA Attention Patch's inputs (blocks, self_attention_until, ...) for the rcca_* methods."""
+        if method.startswith("rcca_"):  # rcca_soft, rcca_hard
             palette, background = self.palette(layout)
+            options = {"blocks": "all", "self_attention_until": 0.0, **patch_options}
+            blocks = options.pop("blocks")
             patched = self.node("RCCAAttentionPatch").execute(
-                self.model, palette, method.split("_")[1], 0.0, 1.0, "all",
-                self_attention_until=0.3 if method.endswith("_self") else 0.0).result[0]
-            return self.ksample(patched, background, seed, cfg, sampler)
-        if method == "core_masks":
+                self.model, palette, method.split("_")[1], 0.0, 1.0, blocks, **options).result[0]
+            return self.ksample(patched, background, seed, cfg, sampler, batch)
+        if method in ("core_masks", "core_masks_tuned"):
+            # core_masks: as users usually wire it (background unmasked, default area); core_masks_tuned:
+            # the best hand-built core graph found, background masked by 1 - the regions' union and
+            # every mask with "mask bounds"
             nodes = self.host.nodes
+            area = "mask bounds" if method == "core_masks_tuned" else "default"
             positive = self.encode(self.prompt(layout.background))
+            if method == "core_masks_tuned":
+                union = torch.zeros(CANVAS, CANVAS)
+                for r in layout.regions:
+                    union = torch.maximum(union, r.canvas_mask() * r.opacity)
+                positive = nodes.ConditioningSetMask().append(positive, (1 - union)[None], area, 1.0)[0]
             for r in layout.regions:
                 masked = nodes.ConditioningSetMask().append(self.encode(self.prompt(r.concept)), r.canvas_mask()[None],
-                                                            "default", r.opacity)[0]
+                                                            area, r.opacity)[0]
                 positive = nodes.ConditioningCombine().combine(positive, masked)[0]
-            return self.ksample(self.model, positive, seed, cfg, sampler)
-        if method.startswith("stream_"):
+            return self.ksample(self.model, positive, seed, cfg, sampler, batch)
+        if method.startswith("stream_"):  # one frame per sample (per-frame noise: seed + frame)
             palette, background = self.palette(layout)
-            latent = self.host.nodes.EmptyLatentImage().generate(CANVAS, CANVAS, 1)[0]
-            cfg_mode = "none" if cfg <= 1 else "full"
+            latent = self.host.nodes.EmptyLatentImage().generate(CANVAS, CANVAS, batch)[0]
+            extra = {}
+            if "semantic_draw" in patch_options:  # SemanticDraw Options inputs, by name
+                extra["semantic_draw"] = self.node("RCCASemanticDrawOptions").execute(
+                    **{**SEMANTIC_DRAW_DEFAULTS, **patch_options["semantic_draw"]}).result[0]
             return self.node("RCCAStreamBatchLCMSampler").execute(
-                self.model, background, self.encode(""), latent, STREAM_TIMESTEPS, 50, seed,
-                method.removeprefix("stream_"), cfg_mode, cfg, "eager", "latent2rgb", palette=palette).result[0]["samples"]
+                model=self.model, positive=background, negative=self.encode(""), latent_image=latent,
+                timesteps=STREAM_TIMESTEPS, schedule_steps=50, seed=seed, region_mode=method.removeprefix("stream_"),
+                cfg_mode="none" if cfg <= 1 else "full", cfg=cfg, compile="eager", decode="latent2rgb",
+                palette=palette, **extra).result[0]["samples"]
         if method == "background":
-            return self.ksample(self.model, self.encode(self.prompt(layout.background)), seed, cfg, sampler)
+            return self.ksample(self.model, self.encode(self.prompt(layout.background)), seed, cfg, sampler, batch)
         if method == "oracle":
-            out = self.ksample(self.model, self.encode(self.prompt(layout.background)), seed, cfg, sampler)
+            out = self.ksample(self.model, self.encode(self.prompt(layout.background)), seed, cfg, sampler, batch)
             for r in layout.regions:  # later regions on top, as the palette stacks them
-                alone = self.ksample(self.model, self.encode(self.prompt(r.concept)), seed, cfg, sampler)
+                alone = self.ksample(self.model, self.encode(self.prompt(r.concept)), seed, cfg, sampler, batch)
                 out = torch.where(r.cells.bool(), alone, out)
             return out
         raise SystemExit(f"unknown method {method!r}")
@@ -206,8 +235,20 @@ def _edge(cells: torch.Tensor) -> torch.Tensor:
     return (grown - shrunk) > 0
 
 
-def score(ids: torch.Tensor, layout: Layout, world) -> dict[str, float | None]:
-    """Per-layout metrics from a (LATENT, LATENT) map of concept ids."""
+def blend(latent: torch.Tensor, cells: torch.Tensor, concept: str, background: str, world) -> float:
+    """Where the latent sits between two concepts over a region, 0 (background's colour) .. 1
+    (the concept's): the mean colour projected on the line between their prototypes. Reads a
+    half-and-half mix as 0.5, which a nearest-prototype class map cannot show."""
+    protos = world.prototypes()
+    index = {c: i for i, c in enumerate(world.CONCEPTS)}
+    a, b = protos[index[background]], protos[index[concept]]
+    mean = latent.float()[:, cells.bool()].mean(dim=1)
+    return float(torch.dot(mean - a, b - a) / torch.dot(b - a, b - a))
+
+
+def score(latent: torch.Tensor, layout: Layout, world) -> dict[str, float | None]:
+    """Per-layout metrics of one sampled (4, LATENT, LATENT) latent."""
+    ids = world.classify(latent)
     index = {c: i for i, c in enumerate(world.CONCEPTS)}
     painted = torch.zeros(LATENT, LATENT, dtype=torch.bool)
     truth = torch.full((LATENT, LATENT), index[layout.background])
@@ -238,6 +279,7 @@ def score(ids: torch.Tensor, layout: Layout, world) -> dict[str, float | None]:
         "leakage": statistics.mean(leak) if leak else None,
         "boundary_acc": float((ids[edge] == truth[edge]).float().mean()) if edge.any() else None,
         "soft_fraction": float((ids[soft[0].cells.bool()] == index[soft[0].concept]).float().mean()) if soft else None,
+        "soft_blend": blend(latent, soft[0].cells, soft[0].concept, layout.background, world) if soft else None,
     }
 
 
@@ -305,12 +347,13 @@ def load_micro_model(host, comfyui_dir: Path, ckpt: str | None = None):
     return model, clip, World(train_micro_model)
 
 
-METHODS = ("rcca_soft", "rcca_hard", "rcca_soft_self", "core_masks", "stream_rcca", "stream_semantic_draw", "oracle", "background")
+METHODS = ("rcca_soft", "rcca_hard", "core_masks", "core_masks_tuned", "stream_rcca", "stream_semantic_draw", "oracle", "background")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--seeds", type=int, default=8, help="samples per layout, method, sampler and cfg")
+    ap.add_argument("--chunks", type=int, default=2, help="sampler calls the seeds are split into (timing spread)")
     ap.add_argument("--layouts", default="", help="comma list of layout names (default: all)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--samplers", default="euler,lcm")
@@ -332,29 +375,32 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     results: list[dict] = []
     grid: dict[str, dict[str, torch.Tensor]] = {}
+    chunk = max(1, a.seeds // a.chunks)
     for sampler in [s.strip() for s in a.samplers.split(",")]:
         for cfg in [float(c) for c in a.cfgs.split(",")]:
             for layout in chosen:
                 per_method: dict[str, list] = {m: [] for m in methods}
                 times: dict[str, list] = {m: [] for m in methods}
-                for seed in range(a.seeds):
-                    for m in methods:  # interleaved: every method once per seed, so drift spreads evenly
+                for first in range(0, a.seeds, chunk):
+                    # one sampler call per method and chunk (a batch of `chunk` noises drawn from seed
+                    # `first`), methods interleaved so that drift on shared cores spreads evenly
+                    for m in methods:
                         if m.startswith("stream_") and sampler != "lcm":
                             continue
                         t0 = time.perf_counter()
-                        latent = runner.run(m, layout, seed, cfg, sampler)
+                        latents = runner.run(m, layout, first, cfg, sampler, batch=min(chunk, a.seeds - first))
                         times[m].append(time.perf_counter() - t0)
-                        ids = world.classify(latent[0])
-                        per_method[m].append(score(ids, layout, world))
-                        if seed == 0 and sampler == "lcm" and cfg == 1.0:
-                            grid.setdefault(layout.name, {})[m] = ids
-                plain = statistics.median(times["background"]) if times.get("background") else None
+                        per_method[m] += [score(x, layout, world) for x in latents]
+                        if first == 0 and sampler == "lcm" and cfg == 1.0:
+                            grid.setdefault(layout.name, {})[m] = world.classify(latents[0])
                 for m in methods:
                     if not per_method[m]:
                         continue
                     row = {"sampler": sampler, "cfg": cfg, "layout": layout.name, "method": m, **mean_of(per_method[m])}
-                    if plain:
-                        row["time_ratio"] = round(statistics.median(times[m]) / plain, 2)
+                    if times.get("background") and m != "background":
+                        ratios = [t / p for t, p in zip(times[m], times["background"])]
+                        row["time_ratio"] = round(statistics.median(ratios), 2)
+                        row["time_ratio_spread"] = [round(min(ratios), 2), round(max(ratios), 2)]
                     results.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
     report = {"bench": "region_fidelity", "seeds": a.seeds, "latent": LATENT, "environment": common.environment(host),
@@ -375,17 +421,47 @@ def markdown(results: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["sampler"], r["cfg"], r["method"]), []).append(r)
-    lines = ["| sampler | cfg | method | region acc | background acc | leakage | boundary acc | soft fraction 25/50/75 % | time ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| sampler | cfg | method | region acc | background acc | leakage | boundary acc | "
+             "soft fraction 25/50/75 % | soft blend 25/50/75 % | time ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for (sampler, cfg, method), rows in groups.items():
         mean = mean_of([{k: r.get(k) for k in ("region_acc", "background_acc", "leakage", "boundary_acc", "time_ratio")}
                         for r in rows])
         soft = {r["layout"]: r["soft_fraction"] for r in rows if r["soft_fraction"] is not None}
         soft_text = " / ".join(f"{soft[k]:.2f}" for k in sorted(soft)) or "-"
+        blends = {r["layout"]: r["soft_blend"] for r in rows if r["soft_blend"] is not None}
+        blend_text = " / ".join(f"{blends[k]:.2f}" for k in sorted(blends)) or "-"
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         lines.append(f"| {sampler} | {cfg:g} | {method} | {fmt(mean['region_acc'])} | {fmt(mean['background_acc'])} | "
-                     f"{fmt(mean['leakage'])} | {fmt(mean['boundary_acc'])} | {soft_text} | {fmt(mean.get('time_ratio'))} |")
-    return "\n".join(lines)
+                     f"{fmt(mean['leakage'])} | {fmt(mean['boundary_acc'])} | {soft_text} | {blend_text} | {fmt(mean.get('time_ratio'))} |")
+    return "\n".join(lines) + "\n\n" + per_layout(results)
+
+
+def per_layout(results: list[dict]) -> str:
+    """Per (sampler, cfg): one row per layout, one column per method; region accuracy, or the soft
+    blend for a soft region, with the background accuracy after a slash where there is a background."""
+    out = []
+    configs = list(dict.fromkeys((r["sampler"], r["cfg"]) for r in results))
+    for sampler, cfg in configs:
+        rows = [r for r in results if (r["sampler"], r["cfg"]) == (sampler, cfg)]
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        out.append(f"{sampler}, cfg {cfg:g}: region accuracy / background accuracy (soft layouts: blend)\n")
+        out.append("| layout | " + " | ".join(methods) + " |")
+        out.append("|---|" + "---|" * len(methods))
+        for layout in dict.fromkeys(r["layout"] for r in rows):
+            cells = []
+            for m in methods:
+                r = next((x for x in rows if x["layout"] == layout and x["method"] == m), None)
+                if r is None:
+                    cells.append("-")
+                elif r["soft_blend"] is not None:
+                    cells.append(f"{r['soft_blend']:.2f}")
+                else:
+                    main = "-" if r["region_acc"] is None else f"{r['region_acc']:.2f}"
+                    cells.append(main if r["background_acc"] is None else f"{main} / {r['background_acc']:.2f}")
+            out.append(f"| {layout} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
