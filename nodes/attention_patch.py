@@ -6,6 +6,8 @@ from comfy_api.latest import io
 
 import logging
 
+import torch
+
 from ..rcca_core.attention import ATTENTION_MODES, RCCAOptions, RegionalCrossAttention, cross_attention_layers, parse_blocks
 from ..rcca_core.masks import check_latent_aspect
 from ..rcca_core.palette import PaletteError
@@ -69,6 +71,40 @@ def sampling_check(rcca: RegionalCrossAttention):
     return wrapper
 
 
+def tick_wrapper(rcca: RegionalCrossAttention):
+    """An APPLY_MODEL wrapper: RCCA's host logic for one model call (sigma range, row layout, palettes,
+    caches, padding) runs here, before the diffusion model, so the attention hooks inside it only read
+    tensors (`RegionalCrossAttention.with_tick`). With ComfyUI's torch.compile wrapper on the model the
+    inputs get fixed shapes (padded to a bucket), so palette edits within the bucket reuse the graph."""
+    from comfy.patcher_extension import WrappersMP
+
+    def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        base = executor.class_obj
+        dtype = base.manual_cast_dtype if getattr(base, "manual_cast_dtype", None) is not None else base.get_dtype()
+        own = c_crossattn.shape[1] if torch.is_tensor(c_crossattn) and c_crossattn.ndim == 3 else None
+        compiled = "torch.compile" in (transformer_options.get("wrappers", {}).get(WrappersMP.APPLY_MODEL, {}) or {})
+        options = rcca.with_tick(transformer_options, x.shape, own, dtype, x.device, static=rcca.static or compiled)
+        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+    return wrapper
+
+
+def install_rcca(patcher, rcca: RegionalCrossAttention) -> None:
+    """RCCA's hooks in a (cloned) ModelPatcher: attention hooks plus the per-call tick wrapper."""
+    import comfy.patcher_extension
+
+    rcca.install(patcher.model_options)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, tick_wrapper(rcca))
+
+
+def uninstall_rcca(patcher, rcca: RegionalCrossAttention) -> None:
+    import comfy.patcher_extension
+
+    rcca.uninstall(patcher.model_options)
+    for kind in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.APPLY_MODEL):
+        patcher.remove_wrappers_with_key(kind, WRAPPER_KEY)
+
+
 class RCCAAttentionPatch(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -128,7 +164,7 @@ class RCCAAttentionPatch(io.ComfyNode):
         layers = cross_attention_layers(patched.get_model_object("diffusion_model"))
         check_blocks(options.blocks, layers)
         rcca = RegionalCrossAttention(palette, layers, options, pyramid, previous)
-        rcca.install(patched.model_options)
+        install_rcca(patched, rcca)
         import comfy.patcher_extension
 
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, sampling_check(rcca))

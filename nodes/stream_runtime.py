@@ -21,7 +21,7 @@ from ..rcca_core.palette import PaletteError
 from ..rcca_core.semantic_draw import RowContexts, SemanticDrawDenoiser, SemanticDrawOptions, SemanticDrawState
 from ..rcca_core.stream import (NOISE_MODES, ImageSource, SlotBatch, StreamBatch, check_strength, lcm_timesteps,
                                 parse_indices, strength_timesteps)
-from .attention_patch import WRAPPER_KEY, check_supported
+from .attention_patch import check_supported, install_rcca, uninstall_rcca
 
 REGION_MODES = ("rcca", "semantic_draw", "none")
 CFG_MODES = ("none", "self", "full")
@@ -77,6 +77,12 @@ def latent2rgb(model, samples: torch.Tensor, scale: int = 8) -> torch.Tensor:
 
 
 class StreamRuntime:
+    # torch.compile settings of the `compile` option. The RCCA hooks trace without a graph break (their
+    # inputs are precomputed per model call, padded to a token bucket); fullgraph stays off because
+    # ComfyUI's CPU attention (sub-quadratic) reads free memory through psutil, which dynamo cannot trace.
+    compile_backend: Any = "inductor"
+    compile_fullgraph = False
+
     def __init__(self, model, positive, negative, latent_shape: Sequence[int], timesteps: str, schedule_steps: int,
                  seed: int, region_mode: str, cfg_mode: str, cfg: float, compile: str, decode: str,
                  states: Sequence, vae=None, semantic_draw: SemanticDrawOptions | None = None,
@@ -215,23 +221,21 @@ class StreamRuntime:
         m = self.model.clone()
         rcca = RegionalCrossAttention.installed_in(m.model_options)
         if self.region_mode != "rcca" and rcca is not None:
-            import comfy.patcher_extension
-
-            rcca.uninstall(m.model_options)
-            m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+            uninstall_rcca(m, rcca)
             rcca = None
         if self.region_mode == "rcca" and rcca is None:
             previous = m.model_options.get("transformer_options", {}).get("optimized_attention_override")
             rcca = RegionalCrossAttention(first_state, cross_attention_layers(m.get_model_object("diffusion_model")),
                                           previous_override=previous)
-            rcca.install(m.model_options)
+            install_rcca(m, rcca)
         if self.region_mode == "semantic_draw":
             m.set_model_attn2_patch(RowContexts().attn2_patch)
         if self.compiled:
             from comfy_api.torch_helpers import set_torch_compile_wrapper
 
             cuda = m.load_device.type == "cuda"
-            set_torch_compile_wrapper(m, backend="inductor", mode="reduce-overhead" if cuda else None, dynamic=False)
+            set_torch_compile_wrapper(m, backend=self.compile_backend, mode="reduce-overhead" if cuda else None,
+                                      fullgraph=self.compile_fullgraph, dynamic=False)
         return m, rcca
 
     def condition(self, state) -> Any:

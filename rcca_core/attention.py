@@ -27,12 +27,26 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .masks import MaskPyramid
-from .palette import Palette, PaletteError
+from .masks import MaskPyramid, unet_level_sizes
+from .palette import MAX_REGIONS, Palette, PaletteError
 
 ATTENTION_MODES = ("soft", "hard")
 BLOCK_KINDS = ("input", "middle", "output")
 LayerKey = tuple[str, int, int]  # (block kind, block id, transformer index) as ComfyUI names them
+TICK_KEY = "rcca_tick"  # transformer_options entry holding one model call's precomputed RCCA tensors
+
+
+def token_bucket(tokens: int, least: int = 64) -> int:
+    """Extra tokens padded to the next power of two (at least `least`): palettes whose region
+    prompts fit the same bucket give tensors of one shape, so a compiled graph serves them all."""
+    return max(least, 1 << max(0, int(tokens) - 1).bit_length())
+
+
+def _compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # older torch
+        return False
 
 
 @dataclass(frozen=True)
@@ -320,6 +334,8 @@ class RegionalCrossAttention:
         self._rows_cache: dict[tuple, tuple] = {}
         self._bias_cache: dict[tuple, tuple] = {}  # one palette for every latent (the KSampler case)
         self._mixed: dict[int, tuple] = {}  # id(bias) -> (bias, has rows with several active blocks)
+        self._pad_cache: dict[tuple, tuple] = {}  # padded copies of cached tensors, keyed by their source
+        self.static = False  # always build fixed-shape tick inputs (set when the model is compiled)
 
     @property
     def palette(self) -> Palette:
@@ -328,6 +344,110 @@ class RegionalCrossAttention:
     def prepare(self, palette: Palette, pyramid: MaskPyramid | None = None) -> PreparedPalette:
         """A palette ready to be passed per latent under transformer_options["rcca_rows"]."""
         return PreparedPalette(palette, pyramid, self.options.mode)
+
+    # -- one model call's inputs, computed on the host before the UNet runs ---------------------
+    def with_tick(self, transformer_options: dict, latent_shape: Sequence[int], own: int | None,
+                  dtype: torch.dtype, device: torch.device, static: bool | None = None, levels: int = 4) -> dict:
+        """transformer_options plus TICK_KEY: everything the hooks need for this model call, as
+        tensors (see `tick_inputs`). Call it outside any compiled region, once per model call (an
+        APPLY_MODEL wrapper does). Returns the dict unchanged when there is nothing to precompute."""
+        tick = self.tick_inputs(transformer_options, latent_shape, own, dtype, device, static, levels)
+        if tick is None:
+            return transformer_options
+        return {**transformer_options, TICK_KEY: tick}
+
+    def tick_inputs(self, transformer_options: Mapping, latent_shape: Sequence[int], own: int | None,
+                    dtype: torch.dtype, device: torch.device, static: bool | None = None, levels: int = 4) -> dict | None:
+        """The host logic of one model call: the sigma range, the row layout, every row's palette,
+        the caches keyed by object identity and weight versions, the check for mixed rows. What
+        the hooks then read is a dict of tensors and constants:
+
+        - "kv": {layer key: (K, V)} of the extra tokens, (rows, bucket, inner), padded to
+          `token_bucket` with keys whose bias is -inf;
+        - "bias": {(h, w): (rows, hw, own + bucket)} in `dtype`, for every UNet level of the latent;
+        - "ids": block index of every token (padding: the last slot), "blocks": slots - 1;
+        - "self": {(h, w): (rows, hw, hw)} when self-attention keeps to regions;
+        - "layout", "latents", "own", "cross", "mixed".
+
+        static (default: self.static): shapes and constants do not depend on the palette or the
+        sigma, so a compiled graph is reused across palette edits within the bucket: outside the
+        sigma range the bias masks the extra tokens instead of leaving them out, and soft mode
+        always normalises (exact on rows with one active block).
+        """
+        if own is None or not self.layers:
+            return None
+        static = self.static if static is None else bool(static)
+        layout = tuple(int(c) for c in (transformer_options.get("cond_or_uncond") or (0,)))
+        chunks = len(transformer_options.get("uuids") or layout)
+        total = int(latent_shape[0])
+        if chunks <= 0 or total % chunks or len(layout) != chunks:
+            return None  # the hooks' own path reports what is wrong
+        n = total // chunks
+        rows = tuple(transformer_options.get(self.ROWS_KEY) or (self.default,))
+        sigmas = transformer_options.get("sigmas")
+        top = float(sigmas.max()) if sigmas is not None and not (self.options.full_range and
+                                                                   math.isinf(self.options.self_sigma_end)) else None
+        cross_on = self.options.full_range or top is None or self.options.sigma_end <= top <= self.options.sigma_start
+        self_wanted = not math.isinf(self.options.self_sigma_end)
+        self_on = self_wanted and (top is None or top >= self.options.self_sigma_end)
+        selected = [key for key in self.layers if self.options.applies_to(key[0], key[1])]
+        tick: dict[str, Any] = {"layout": layout, "latents": n, "own": int(own), "cross": bool(cross_on or static),
+                                "kv": {}, "bias": {}, "mixed": {}, "self": {}}
+        sizes = unet_level_sizes(int(latent_shape[-2]), int(latent_shape[-1]), levels)
+        batch = len(layout) * n
+        if tick["cross"] and selected:
+            first = selected[0]
+            extras = {size: self._extras(first, size[0], size[1], own, layout, rows, n, dtype, device) for size in sizes}
+            _, _, _, ids, blocks = extras[sizes[0]]
+            extra = ids.shape[-1] - own
+            bucket = token_bucket(extra) if static else extra
+            # block slots (padding last): static, as many as any palette can have (own + regions + their negatives)
+            slots = max(2 + 2 * MAX_REGIONS, blocks + 1) if static else blocks + 1
+            pad_id = slots - 1
+            ids = torch.where(ids >= blocks, torch.full((), pad_id, device=ids.device), ids)
+            tick["ids"] = self._padded(("ids", bucket, pad_id), ids, bucket - extra, pad_id, dim=-1)
+            tick["blocks"] = pad_id
+            for key in selected:
+                k, v, _, _, _ = self._extras(key, sizes[0][0], sizes[0][1], own, layout, rows, n, dtype, device)
+                if k.shape[0] == batch and k.stride(0) == 0:  # one palette: pad one row, expand
+                    k, v = k[:1], v[:1]
+                k = self._padded(("k", key, bucket), k, bucket - extra, 0.0, dim=1)
+                v = self._padded(("v", key, bucket), v, bucket - extra, 0.0, dim=1)
+                tick["kv"][key] = (k.expand(batch, -1, -1), v.expand(batch, -1, -1))
+            for size, (_, _, bias, _, _) in extras.items():
+                if cross_on:
+                    tick["mixed"][size] = True if static else self._has_mixed_rows(bias, extras[size][3], blocks)
+                    bias = self._padded(("bias", size, bucket), bias, bucket - extra, float("-inf"), dim=-1)
+                else:  # static, outside the sigma range: the background prompt alone
+                    bias = self._padded(("off", size, bucket), torch.zeros_like(bias[..., :own]), bucket, float("-inf"), dim=-1)
+                    tick["mixed"][size] = True
+                tick["bias"][size] = bias
+        if self_wanted and (self_on or static) and selected:
+            for h, w in sizes:
+                if self_on:
+                    tick["self"][(h, w)] = self._self_bias(h, w, layout, rows, n, device).to(dtype)
+                else:
+                    hit = self._pad_cache.get(("self-off", h, w, batch, dtype, device))
+                    if hit is None:
+                        hit = self._pad_cache[("self-off", h, w, batch, dtype, device)] = (
+                            None, torch.zeros((), dtype=dtype, device=device).expand(batch, h * w, h * w))
+                    tick["self"][(h, w)] = hit[1]
+        return tick
+
+    def _padded(self, tag: tuple, src: torch.Tensor, pad: int, value: float, dim: int) -> torch.Tensor:
+        """src padded by `pad` entries of `value` along dim (-1 or 1); cached while src is the same object."""
+        if pad <= 0:
+            return src
+        tag = tag + (src.dtype, src.device, tuple(src.shape))
+        hit = self._pad_cache.get(tag)
+        if hit is not None and hit[0] is src:
+            return hit[1]
+        spec = (0, pad) if dim == -1 else (0, 0, 0, pad)
+        out = F.pad(src, spec, value=value)
+        if len(self._pad_cache) > 256:
+            self._pad_cache.clear()
+        self._pad_cache[tag] = (src, out)
+        return out
 
     def __deepcopy__(self, memo):
         # ModelPatcher.clone() deep-copies model_options, and with them our bound hooks; a copy
@@ -340,6 +460,13 @@ class RegionalCrossAttention:
         self._armed = None
         if math.isinf(self.options.self_sigma_end):
             return n, context, value
+        tick = extra_options.get(TICK_KEY)
+        if tick is not None:  # precomputed on the host: no reads of tensors here
+            if tick["self"]:
+                armed = self._arming(extra_options, tick)
+                if armed is not None:
+                    self._armed = ("self",) + armed
+            return n, context, value
         armed = self._arming(extra_options)
         sigmas = extra_options.get("sigmas")
         if armed is not None and (sigmas is None or float(sigmas.max()) >= self.options.self_sigma_end):
@@ -348,13 +475,21 @@ class RegionalCrossAttention:
 
     def attn2_patch(self, n, context, value, extra_options):
         self._armed = None
+        tick = extra_options.get(TICK_KEY)
+        if tick is not None:
+            if tick["cross"]:
+                armed = self._arming(extra_options, tick)
+                if armed is not None:
+                    self._armed = ("cross",) + armed
+            return n, context, value
         armed = self._arming(extra_options)
         if armed is not None and self._sigma_in_range(extra_options.get("sigmas")):
             self._armed = ("cross",) + armed
         return n, context, value
 
-    def _arming(self, extra_options) -> tuple | None:
-        """(layer key, h, w, latents, cond_or_uncond, rows) of a selected layer, else None."""
+    def _arming(self, extra_options, tick: dict | None = None) -> tuple | None:
+        """(layer key, h, w, latents, cond_or_uncond, rows, tick) of a selected layer, else None.
+        With a tick, rows stay unread (None): the palettes were read on the host."""
         block = extra_options.get("block")
         shape = extra_options.get("activations_shape")
         if block is None or shape is None or not self.options.applies_to(block[0], block[1]):
@@ -366,8 +501,8 @@ class RegionalCrossAttention:
         # uuids has one entry per chunk ComfyUI batched and, unlike cond_or_uncond, no patch edits it
         chunks = len(extra_options.get("uuids") or cond_or_uncond)
         latents = int(shape[0]) // chunks
-        rows = extra_options.get(self.ROWS_KEY) or (self.default,)
-        return key, int(shape[-2]), int(shape[-1]), latents, cond_or_uncond, tuple(rows)
+        rows = None if tick is not None else tuple(extra_options.get(self.ROWS_KEY) or (self.default,))
+        return key, int(shape[-2]), int(shape[-1]), latents, cond_or_uncond, rows, tick
 
     def attn2_output_patch(self, out, extra_options):
         # still armed after attn2 ran: the layer's attention never reached our override, because
@@ -386,7 +521,7 @@ class RegionalCrossAttention:
         armed, self._armed = self._armed, None
         if armed is None:
             return self._call(func, args, kwargs)
-        kind, key, h, w, latents, armed_layout, rows = armed
+        kind, key, h, w, latents, armed_layout, rows, tick = armed
         q, k, v, heads = args[:4]
         mask = args[4] if len(args) > 4 else kwargs.pop("mask", None)
         split_heads = k.ndim == 4  # skip_reshape callers pass (B, heads, L, d)
@@ -397,6 +532,16 @@ class RegionalCrossAttention:
         own = k.shape[2] if split_heads else k.shape[1]
         live = (kwargs.get("transformer_options") or {}).get("cond_or_uncond")
         layout = row_layout(int(q.shape[0]), latents, armed_layout, live)
+        if tick is not None:
+            table = tick["self"] if kind == "self" else tick["bias"]
+            if layout == tick["layout"] and own == tick["own"] and (h, w) in table and (kind == "self" or key in tick["kv"]):
+                return self._ticked(func, args, kwargs, kind, key, h, w, tick, mask, split_heads, own)
+            if _compiling():
+                raise PaletteError(f"RCCA: layer {key} ({h} x {w}, {own} own tokens, rows {list(layout)}) does not match "
+                                   f"the inputs precomputed for this model call (rows {list(tick['layout'])}, {tick['own']} "
+                                   "own tokens); another patch changed the layer, which a compiled model cannot follow. "
+                                   "Run the model eager")
+            rows = tuple((kwargs.get("transformer_options") or {}).get(self.ROWS_KEY) or (self.default,))
         if kind == "self":
             bias = self._self_bias(h, w, layout, rows, latents, q.device).to(q.dtype)
             if mask is not None:
@@ -412,6 +557,31 @@ class RegionalCrossAttention:
         v = torch.cat([v, v_extra], dim=seq)
         if self.options.mode == "soft" and self.options.normalize and self._has_mixed_rows(bias, block_ids, blocks):
             bias = normalize_block_mass(q, k, heads, bias, block_ids, blocks, other).to(q.dtype)
+        elif other is not None:
+            bias = bias + other
+        kwargs["mask"] = bias
+        return self._call(func, (q, k, v, heads) + tuple(args[5:]), kwargs)
+
+    def _ticked(self, func, args, kwargs, kind, key, h, w, tick, mask, split_heads, own):
+        """The attention call from the tick's tensors: concatenations, the bias and (soft mode) the
+        float32 normalisation; no host reads, no caches, nothing keyed on object identity."""
+        q, k, v, heads = args[:4]
+        if kind == "self":
+            bias = tick["self"][(h, w)]
+            if mask is not None:
+                bias = bias + _as_float_mask(mask, own, bias)
+            kwargs["mask"] = bias
+            return self._call(func, (q, k, v, heads) + tuple(args[5:]), kwargs)
+        k_extra, v_extra = tick["kv"][key]
+        bias = tick["bias"][(h, w)]
+        other = _as_float_mask(mask, own, bias) if mask is not None else None
+        if split_heads:
+            k_extra, v_extra = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (k_extra, v_extra))
+        seq = 2 if split_heads else 1
+        k = torch.cat([k, k_extra.to(k.dtype)], dim=seq)
+        v = torch.cat([v, v_extra.to(v.dtype)], dim=seq)
+        if self.options.mode == "soft" and self.options.normalize and tick["mixed"][(h, w)]:
+            bias = normalize_block_mass(q, k, heads, bias, tick["ids"], tick["blocks"], other).to(q.dtype)
         elif other is not None:
             bias = bias + other
         kwargs["mask"] = bias
