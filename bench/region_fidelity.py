@@ -29,7 +29,6 @@ Prints one JSON object, then a markdown table.
 from __future__ import annotations
 
 import argparse
-import os
 import json
 import statistics
 import sys
@@ -46,7 +45,7 @@ import common  # noqa: E402
 LATENT = 32          # latent cells per side
 CANVAS = LATENT * 8  # pixels
 SAMPLERS = {"euler": ("euler", "normal", 20), "lcm": ("lcm", "sgm_uniform", 4)}
-STREAM_TIMESTEPS = os.environ.get("RF_TIMESTEPS", "0, 12, 24, 36")
+STREAM_TIMESTEPS = "0, 12, 24, 36"
 SEMANTIC_DRAW_DEFAULTS = {"bootstrap_steps": 1, "mask_std": 8.0, "mask_strength": 1.0, "mask_type": "continuous",
                           "cover_alpha": 0.3}
 
@@ -129,8 +128,8 @@ def layouts(world) -> dict[str, Layout]:
                                        Region(o[4], box(18, 8, 29, 24)))),
         Layout("four quadrants", b[2], (Region(o[0], box(0, 0, H, H)), Region(o[5], box(0, H, H, L)),
                                         Region(o[6], box(H, 0, L, H)), Region(o[7], box(H, H, L, L)))),
-        Layout("two blobs, same prompt", b[0], (Region(o[1], disc(9, 9, 4) + disc(23, 23, 4)),)),
-        Layout("two blobs, two prompts", b[1], (Region(o[2], disc(9, 22, 4)), Region(o[3], disc(22, 9, 4)))),
+        Layout("two blobs of one prompt", b[0], (Region(o[1], disc(9, 9, 4) + disc(23, 23, 4)),)),
+        Layout("two blobs of two prompts", b[1], (Region(o[2], disc(9, 22, 4)), Region(o[3], disc(22, 9, 4)))),
         Layout("2 x 2 cell region", b[2], (Region(o[4], box(15, 15, 17, 17)),)),
         Layout("overlapping regions", b[0], (Region(o[5], box(6, 4, 22, 20)), Region(o[6], box(12, 12, 28, 28)))),
     ] + [Layout(f"soft region {int(a * 100)} %", b[1], (Region(o[7], box(6, 6, 26, 26), a),)) for a in (0.25, 0.5, 0.75)]

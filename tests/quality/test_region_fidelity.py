@@ -100,15 +100,23 @@ def column_blends(runner, layout, mode) -> torch.Tensor:
     return ((rows - a[:, None]) * (b - a)[:, None]).sum(0) / torch.dot(b - a, b - a)
 
 
+def transition_width(blends: torch.Tensor) -> int:
+    """Columns of the ramp (8..23) between the two plateaus: blend rescaled so that the region's
+    plateau (columns 0-9) is 1 and the background's (24-31) is 0 (cfg 5 overshoots both), then
+    counted where it lies in 0.1..0.9."""
+    high, low = blends[:10].mean(), blends[24:].mean()
+    t = (blends[8:24] - low) / (high - low)
+    return int(((t > 0.1) & (t < 0.9)).sum())
+
+
 def test_hard_masks_cut_a_feathered_edge_crisper_than_soft(micro):
     """Across a mask that fades over 8 columns, soft mode blends gradually while hard mode switches
-    at coverage 0.5: fewer columns sit between the two concepts (blend in 0.2..0.8)."""
+    at coverage 0.5. Measured (euler 20, cfg 5): 6 columns in transition with soft, 2 with hard."""
     runner, _ = micro
     layout = ramp_layout(runner.world)
     soft, hard = column_blends(runner, layout, "soft"), column_blends(runner, layout, "hard")
-    between = lambda t: int(((t[8:24] > 0.2) & (t[8:24] < 0.8)).sum())  # noqa: E731
-    assert between(hard) < between(soft), (soft.tolist(), hard.tolist())
-    assert soft[:10].mean() > 0.7 and soft[22:].mean() < 0.3, soft.tolist()  # the region is still there
+    assert transition_width(hard) + 2 <= transition_width(soft), (soft.tolist(), hard.tolist())
+    assert soft[:10].mean() > 0.7 and soft[24:].mean() < 0.3, soft.tolist()  # the region is still there
 
 
 def swap(layout: rf.Layout) -> rf.Layout:
@@ -147,7 +155,7 @@ def test_rcca_keeps_two_small_blobs_that_semantic_draw_shrinks(micro):
     SemanticDraw mode 0.29-0.32: its 8 px mask blur keeps a blob's quantized mask small in the
     steps that set the layout (see README), at 2 x RCCA's cost."""
     runner, layouts = micro
-    layout = layouts["two blobs, same prompt"]
+    layout = layouts["two blobs of one prompt"]
     rcca = measure(runner, layout, "stream_rcca", 1.0, "lcm")
     semantic_draw = measure(runner, layout, "stream_semantic_draw", 1.0, "lcm")
     assert rcca["region_acc"] >= 0.6 and rcca["background_acc"] >= 0.9, rcca
