@@ -36,10 +36,16 @@ LayerKey = tuple[str, int, int]  # (block kind, block id, transformer index) as 
 TICK_KEY = "rcca_tick"  # transformer_options entry holding one model call's precomputed RCCA tensors
 
 
-def token_bucket(tokens: int, least: int = 64) -> int:
-    """Extra tokens padded to the next power of two (at least `least`): palettes whose region
-    prompts fit the same bucket give tensors of one shape, so a compiled graph serves them all."""
-    return max(least, 1 << max(0, int(tokens) - 1).bit_length())
+CLIP_CHUNK = 77  # ComfyUI encodes prompts in chunks of 77 tokens (SD1.5 and SDXL)
+
+
+def token_bucket(tokens: int, unit: int = CLIP_CHUNK) -> int:
+    """Extra tokens padded to a power of two of prompt chunks (77, 154, 308, 616, 1232 tokens):
+    palettes whose prompts fit the same bucket give tensors of one shape, so a compiled graph
+    serves them all. With one 77-token chunk per prompt, 1, 2, 4, 8 and 16 regions need no
+    padding, 3 regions pad to 4's, 5 to 7 to 8's."""
+    chunks = max(1, -(-int(tokens) // unit))
+    return unit * (1 << (chunks - 1).bit_length())
 
 
 def _compiling() -> bool:
@@ -365,7 +371,7 @@ class RegionalCrossAttention:
         the hooks then read is a dict of tensors and constants:
 
         - "kv": {layer key: (K, V)} of the extra tokens, (rows, bucket, inner), padded to
-          `token_bucket` with keys whose bias is -inf;
+          `token_bucket` with keys whose bias is -inf (static only);
         - "bias": {(h, w): (rows, hw, own + bucket)} in `dtype`, for every UNet level of the latent;
         - "ids": block index of every token (padding: the last slot), "blocks": slots - 1;
         - "self": {(h, w): (rows, hw, hw)} when self-attention keeps to regions;

@@ -103,7 +103,7 @@ def test_sigma_range_and_self_attention_switch_without_recompiling():
     assert cnt.frame_count == 1
 
 
-def test_leaving_the_bucket_recompiles_once():
+def test_leaving_the_bucket_recompiles_once_and_each_bucket_keeps_its_graph():
     layer, _, rcca, to = make([RegionSpec("a dog", torch.ones(24, 32))])
     small = rcca.prepare(palettes(1)[0])
     many = rcca.prepare(Palette.build([RegionSpec(f"prompt number {i}", torch.ones(24, 32) / 12) for i in range(12)],
@@ -130,3 +130,8 @@ def test_eager_tick_path_equals_the_hooks_without_tick():
     tick_opts = ticked(rcca, opts, x, own, static=False)
     assert tick_opts[TICK_KEY]["kv"][KEY][0].shape[1] == rcca.default.extra_tokens  # unpadded
     torch.testing.assert_close(run_layer(layer, x, own, H, W, tick_opts), want, atol=0, rtol=0)
+
+
+def test_token_buckets_are_powers_of_two_of_prompt_chunks():
+    assert [token_bucket(77 * p) for p in (1, 2, 3, 4, 5, 8, 9, 16)] == [77, 154, 308, 308, 616, 616, 1232, 1232]
+    assert token_bucket(10) == 77 and token_bucket(78) == 154
