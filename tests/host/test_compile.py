@@ -28,12 +28,14 @@ def sdpa_attention(comfy_host, monkeypatch):
 
 
 def palettes(host):
+    """Three palettes of one token bucket (3 or 4 prompt chunks of 77 tokens: 308 tokens): other
+    prompts, masks, region counts, a region negative."""
     left, right = halves()
     ramp = torch.linspace(0, 1, SIZE).expand(1, SIZE, SIZE).contiguous()
     specs = [
-        [("a red fox", left), ("a blue car", right)],
+        [("a red fox", left), ("a blue car", right), ("a cloud", left * 0.3)],
         [("a tall lighthouse at night", ramp * 0.6), ("a boat", (1 - ramp) * 0.4, {"negative": "rust"})],
-        [("an oak tree", right * 0.8)],
+        [("an oak tree", right * 0.8), ("a bench", left * 0.5), ("a dog", left * 0.2), ("a kite", right * 0.1)],
     ]
     return [build_palette(host, s)[0] for s in specs]
 
@@ -103,7 +105,8 @@ def test_per_slot_palette_edits_reuse_the_compiled_unet(comfy_host, sdpa_attenti
 
 def test_ksampler_with_comfyui_compile_wrapper_is_one_graph(comfy_host, sdpa_attention):
     """The core KSampler through ComfyUI's own torch.compile wrapper (as its TorchCompileModel node
-    sets it) with fullgraph=True: every step and both CFG rows run one graph, equal to eager."""
+    sets it) with fullgraph=True: every step and both CFG rows run one graph, equal to eager; an
+    edited palette (a new patch node run: other prompts and masks, same bucket) reuses it."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
     model, _, _ = comfy_host.load_tiny()
@@ -121,11 +124,19 @@ def test_ksampler_with_comfyui_compile_wrapper_is_one_graph(comfy_host, sdpa_att
     torch.testing.assert_close(got, want, atol=1e-4 * float(want.abs().max()), rtol=0)
     assert cnt.frame_count == 1
     assert statics and all(statics)  # fixed shapes (padded to the bucket) under ComfyUI's compile wrapper
+    edited = patch(comfy_host, model, build_palette(comfy_host, [("a tall lighthouse at night", halves()[1] * 0.8),
+                                                                 ("a boat", halves()[0] * 0.5)])[0])
+    want = sample(comfy_host, edited, background, negative, cfg=2.0, width=LATENT * 8, height=LATENT * 8)
+    edited = edited.clone()
+    set_torch_compile_wrapper(edited, backend=cnt, fullgraph=True, dynamic=False)
+    got = sample(comfy_host, edited, background, negative, cfg=2.0, width=LATENT * 8, height=LATENT * 8)
+    torch.testing.assert_close(got, want, atol=1e-4 * float(want.abs().max()), rtol=0)
+    assert cnt.frame_count == 1
 
 
 def test_stream_compile_option_is_one_graph_across_palette_edits(comfy_host, sdpa_attention, monkeypatch):
     """The Stream Batch LCM Sampler with compile = torch.compile (fullgraph, a counting backend in place
-    of inductor): a timeline whose states differ in prompts, masks and region count (one bucket)
+    of inductor): a timeline whose states differ in prompts, masks and region count (3 and 4 regions: one bucket)
     streams through one compiled graph, every tick, and gives the eager stream's frames."""
     import test_stream_node as ts
 
@@ -134,8 +145,9 @@ def test_stream_compile_option_is_one_graph_across_palette_edits(comfy_host, sdp
     monkeypatch.setattr(runtime, "compile_backend", cnt)
     monkeypatch.setattr(runtime, "compile_fullgraph", True)
     left, right = ts.halves()
-    pal_a, background, _ = ts.palette(comfy_host, ["a red fox", "a blue car"], [left, right])
-    pal_b, _, _ = ts.palette(comfy_host, ["a green frog in a pond"], [right * 0.7])
+    pal_a, background, _ = ts.palette(comfy_host, ["a red fox", "a blue car", "a cloud"], [left, right, left * 0.3])
+    pal_b, _, _ = ts.palette(comfy_host, ["a green frog in a pond", "a stone", "a boat", "a kite"],
+                             [right * 0.7, left, left * 0.2, right * 0.2])
     pal_c, _, _ = ts.palette(comfy_host, ["a cat", "a dog", "a bird"], [left * 0.5, right, left * 0.4])
     timeline = ts.timeline_of(comfy_host, (pal_a, 2), (pal_b, 2), (pal_c, 2))
     model = comfy_host.load_tiny()[0]
