@@ -276,3 +276,33 @@ def copy_rounded(model):
 
     dm = copy.deepcopy(model.get_model_object("diffusion_model")).to(torch.bfloat16).float()
     return types.SimpleNamespace(get_model_object=lambda name: dm)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("func", ["attention_sub_quad", "attention_pytorch", "attention_basic", "attention_split"])
+def test_comfyui_attention_functions_take_the_half_precision_bias_without_nan(comfy_host, func, dtype):
+    """ComfyUI's own attention functions with RCCA's hard bias cast to half precision: rows whose
+    allowed tokens score about 50 nats below the masked-out ones, and rows no prompt covers (fallback to
+    block 0), stay finite and match a float64 reference (sub-quadratic subtracts the unmasked max
+    before adding the mask, the hardest case for fp16's range)."""
+    import comfy.ldm.modules.attention as attention
+
+    core = comfy_host.pack_module("rcca_core.attention")
+    g = torch.Generator().manual_seed(0)
+    heads, d, n = 2, 8, 16
+    u = torch.randn(heads * d, generator=g)
+    u = u / u.norm()
+    q = (u * 12).expand(1, n, -1) + 0.1 * torch.randn(1, n, heads * d, generator=g)
+    k = 0.1 * torch.randn(1, 10, heads * d, generator=g)
+    k[:, :5] -= u * 12  # block 0 (background): far from every query
+    k[:, 5:] += u * 12  # block 1 (a region): close to every query
+    v = torch.randn(1, 10, heads * d, generator=g)
+    coverage = torch.zeros(1, 2, n)
+    coverage[:, 0, :8] = 1.0  # first half: the background alone; second half: nothing -> fallback to block 0
+    bias = core.region_bias(coverage, [5, 5], "hard")
+    assert torch.isinf(bias[..., 5:]).all() and (bias[..., :5] == 0).all()
+    want = attention.attention_basic(q.double(), k.double(), v.double(), heads, mask=bias.double())
+    got = getattr(attention, func)(q.to(dtype), k.to(dtype), v.to(dtype), heads, mask=bias.to(dtype))
+    assert torch.isfinite(got).all()
+    tol = {torch.bfloat16: 0.1, torch.float16: 0.02}[dtype]  # of |v| ~ 1, after rounding q and k (|q k| ~ 50)
+    assert float((got.double() - want).abs().max()) < tol
