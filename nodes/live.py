@@ -36,9 +36,10 @@ from comfy_api.latest import io
 from ..rcca_core.live import SESSION_ID, DeviceGate, LiveRegistry, LiveSession, StaleBase
 from ..rcca_core.palette import MAX_REGIONS, Palette, PaletteError
 from ..rcca_core.palette_state import MAX_STATE_BYTES, CanvasMismatch, decode_photo, read_state
-from ..rcca_core.stream import DEFAULT_LCM_INDICES, NOISE_MODES
+from ..rcca_core.stream import DEFAULT_LCM_INDICES
 from . import types
 from .palette import add_regions
+from .stream import noise_input, strength_input
 from .stream_runtime import CFG_MODES, DECODES, StreamRuntime
 
 REGISTRY = LiveRegistry()
@@ -263,12 +264,8 @@ class LiveStream(io.ComfyNode):
                 io.Float.Input("idle_timeout", default=120.0, min=1.0, max=3600.0, step=1.0,
                                tooltip="Seconds without an edit before the session stops."),
                 io.Int.Input("jpeg_quality", default=80, min=10, max=100),
-                io.Combo.Input("noise", options=list(NOISE_MODES), default="fixed",
-                               tooltip="fixed: every frame starts from the same noise draws, so an unchanged drawing stays "
-                                       "still and a stroke changes what it covers; per_frame: new noise each frame (seed + f)."),
-                io.Float.Input("strength", default=0.6, min=0.01, max=1.0, step=0.01,
-                               tooltip="With an image: keep the timesteps t with (t + 1) / 1000 <= strength; the image is "
-                                       "noised to the first one (1 = full noise). Unused without an image."),
+                noise_input("fixed"),
+                strength_input(),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes frames and encodes the image; a TAESD VAE keeps the stream fast."),
                 io.Image.Input("image", optional=True,
                                tooltip="Draw over a photo: every frame starts from this image (encoded with the vae), noised "
@@ -400,7 +397,9 @@ def _session_or_error(request):
     return session, None
 
 
-async def edit_route(request):
+async def _post_decoded(request, decode, too_large: str, answer: str):
+    """A POST on a session: read the body (413 beyond MAX_BODY), decode and queue it off the event
+    loop with decode(session, body) -> seq, answer {answer: seq}; refusals become their status."""
     from aiohttp import web
 
     session, error = _session_or_error(request)
@@ -408,14 +407,20 @@ async def edit_route(request):
         return error
     body = await _read_body(request, MAX_BODY)
     if body is None:
-        return _error(413, f"edit body is larger than {MAX_STATE_BYTES // 2**20} MiB (+{(MAX_BODY - MAX_STATE_BYTES) // 1024} KiB "
-                           "of JSON around the state); send a delta against the last accepted edit (base_seq), "
-                           "fewer regions or a smaller canvas")
+        return _error(413, too_large)
     try:
-        seq = await asyncio.get_running_loop().run_in_executor(None, _decode_edit, session, body)
+        seq = await asyncio.get_running_loop().run_in_executor(None, decode, session, body)
     except _Refused as e:
         return _error(e.status, str(e), **e.extra)
-    return web.json_response({"seq": seq})
+    return web.json_response({answer: seq})
+
+
+async def edit_route(request):
+    return await _post_decoded(
+        request, _decode_edit,
+        f"edit body is larger than {MAX_STATE_BYTES // 2**20} MiB (+{(MAX_BODY - MAX_STATE_BYTES) // 1024} KiB "
+        "of JSON around the state); send a delta against the last accepted edit (base_seq), "
+        "fewer regions or a smaller canvas", "seq")
 
 
 def _decode_photo(session: LiveSession, body: bytearray) -> int:
@@ -441,19 +446,8 @@ def _decode_photo(session: LiveSession, body: bytearray) -> int:
 
 
 async def photo_route(request):
-    from aiohttp import web
-
-    session, error = _session_or_error(request)
-    if error:
-        return error
-    body = await _read_body(request, MAX_BODY)
-    if body is None:
-        return _error(413, f"photo body is larger than {MAX_STATE_BYTES // 2**20} MiB; send a smaller PNG")
-    try:
-        photo_seq = await asyncio.get_running_loop().run_in_executor(None, _decode_photo, session, body)
-    except _Refused as e:
-        return _error(e.status, str(e), **e.extra)
-    return web.json_response({"photo_seq": photo_seq})
+    return await _post_decoded(request, _decode_photo,
+                               f"photo body is larger than {MAX_STATE_BYTES // 2**20} MiB; send a smaller PNG", "photo_seq")
 
 
 async def stop_route(request):

@@ -39,6 +39,21 @@ class PaletteTimeline(io.ComfyNode):
         return io.NodeOutput(tuple(timeline or ()) + ((palette, int(frames)),))
 
 
+def noise_input(default: str) -> io.Combo.Input:
+    """The `noise` input of the stream nodes (the sampler defaults to per_frame, Live Stream to fixed)."""
+    return io.Combo.Input("noise", options=list(NOISE_MODES), default=default,
+                          tooltip="per_frame: frame f's noise from seed + f (animations); fixed: every frame starts from "
+                                  "the same noise draws, so an unchanged drawing gives the same picture and a stroke "
+                                  "changes what it covers.")
+
+
+def strength_input() -> io.Float.Input:
+    """The image-to-image `strength` input of the stream nodes."""
+    return io.Float.Input("strength", default=0.6, min=0.01, max=1.0, step=0.01,
+                          tooltip="With an image: keep the timesteps t with (t + 1) / 1000 <= strength; the image is "
+                                  "noised to the first one (1 = full noise). Unused without an image.")
+
+
 class SemanticDrawOptionsNode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -94,12 +109,8 @@ class StreamBatchLCMSampler(io.ComfyNode):
                                tooltip="torch.compile the UNet (CUDA graphs on GPU); eager is the fallback."),
                 io.Combo.Input("decode", options=list(DECODES), default="auto",
                                tooltip="auto: the VAE when connected, else latent2rgb (an instant approximation)."),
-                io.Combo.Input("noise", options=list(NOISE_MODES), default="per_frame",
-                               tooltip="per_frame: frame f's noise from seed + f (animations); fixed: every frame starts "
-                                       "from the same noise draws, so an unchanged drawing gives the same picture."),
-                io.Float.Input("strength", default=0.6, min=0.01, max=1.0, step=0.01,
-                               tooltip="With an image: keep the timesteps t with (t + 1) / 1000 <= strength; the image is "
-                                       "noised to the first one (1 = full noise). Unused without an image."),
+                noise_input("per_frame"),
+                strength_input(),
                 types.Palette.Input("palette", optional=True, tooltip="Its mask batch gives one state per frame."),
                 types.Timeline.Input("timeline", optional=True, tooltip="Palette states, one per frame."),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the frames and encodes the image; a TAESD VAE is the fast path."),

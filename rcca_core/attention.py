@@ -546,56 +546,39 @@ class RegionalCrossAttention:
         own = k.shape[2] if split_heads else k.shape[1]
         live = (kwargs.get("transformer_options") or {}).get("cond_or_uncond")
         layout = row_layout(int(q.shape[0]), latents, armed_layout, live)
-        if tick is not None:
-            table = tick["self"] if kind == "self" else tick["bias"]
-            if layout == tick["layout"] and own == tick["own"] and (h, w) in table and (kind == "self" or key in tick["kv"]):
-                return self._ticked(func, args, kwargs, kind, key, h, w, tick, mask, split_heads, own)
+        ticked = tick is not None and layout == tick["layout"] and own == tick["own"] and \
+            (h, w) in (tick["self"] if kind == "self" else tick["bias"]) and (kind == "self" or key in tick["kv"])
+        if tick is not None and not ticked:
             if _compiling():
                 raise PaletteError(f"RCCA: layer {key} ({h} x {w}, {own} own tokens, rows {list(layout)}) does not match "
                                    f"the inputs precomputed for this model call (rows {list(tick['layout'])}, {tick['own']} "
                                    "own tokens); another patch changed the layer, which a compiled model cannot follow. "
                                    "Run the model eager")
+            # eager: another patch changed the layer after the tick was made; read the palettes here
             rows = tuple((kwargs.get("transformer_options") or {}).get(self.ROWS_KEY) or (self.default,))
         if kind == "self":
-            bias = self._self_bias(h, w, layout, rows, latents, q.device).to(q.dtype)
+            # from the tick: no host reads, no caches, nothing keyed on object identity
+            bias = tick["self"][(h, w)] if ticked else self._self_bias(h, w, layout, rows, latents, q.device).to(q.dtype)
             if mask is not None:
                 bias = bias + _as_float_mask(mask, own, bias)
             kwargs["mask"] = bias
             return self._call(func, (q, k, v, heads) + tuple(args[5:]), kwargs)
-        k_extra, v_extra, bias, block_ids, blocks = self._extras(key, h, w, own, layout, rows, latents, q.dtype, q.device)
-        other = _as_float_mask(mask, own, bias) if mask is not None else None
-        if split_heads:
-            k_extra, v_extra = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (k_extra, v_extra))
-        seq = 2 if split_heads else 1
-        k = torch.cat([k, k_extra], dim=seq)
-        v = torch.cat([v, v_extra], dim=seq)
-        if self.options.mode == "soft" and self.options.normalize and self._has_mixed_rows(bias, block_ids, blocks):
-            bias = normalize_block_mass(q, k, heads, bias, block_ids, blocks, other).to(q.dtype)
-        elif other is not None:
-            bias = bias + other
-        kwargs["mask"] = bias
-        return self._call(func, (q, k, v, heads) + tuple(args[5:]), kwargs)
-
-    def _ticked(self, func, args, kwargs, kind, key, h, w, tick, mask, split_heads, own):
-        """The attention call from the tick's tensors: concatenations, the bias and (soft mode) the
-        float32 normalisation; no host reads, no caches, nothing keyed on object identity."""
-        q, k, v, heads = args[:4]
-        if kind == "self":
-            bias = tick["self"][(h, w)]
-            if mask is not None:
-                bias = bias + _as_float_mask(mask, own, bias)
-            kwargs["mask"] = bias
-            return self._call(func, (q, k, v, heads) + tuple(args[5:]), kwargs)
-        k_extra, v_extra = tick["kv"][key]
-        bias = tick["bias"][(h, w)]
+        normalize = self.options.mode == "soft" and self.options.normalize
+        if ticked:
+            k_extra, v_extra = tick["kv"][key]
+            bias, block_ids, blocks = tick["bias"][(h, w)], tick["ids"], tick["blocks"]
+            mixed = normalize and tick["mixed"][(h, w)]
+        else:
+            k_extra, v_extra, bias, block_ids, blocks = self._extras(key, h, w, own, layout, rows, latents, q.dtype, q.device)
+            mixed = normalize and self._has_mixed_rows(bias, block_ids, blocks)
         other = _as_float_mask(mask, own, bias) if mask is not None else None
         if split_heads:
             k_extra, v_extra = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (k_extra, v_extra))
         seq = 2 if split_heads else 1
         k = torch.cat([k, k_extra.to(k.dtype)], dim=seq)
         v = torch.cat([v, v_extra.to(v.dtype)], dim=seq)
-        if self.options.mode == "soft" and self.options.normalize and tick["mixed"][(h, w)]:
-            bias = normalize_block_mass(q, k, heads, bias, tick["ids"], tick["blocks"], other).to(q.dtype)
+        if mixed:
+            bias = normalize_block_mass(q, k, heads, bias, block_ids, blocks, other).to(q.dtype)
         elif other is not None:
             bias = bias + other
         kwargs["mask"] = bias

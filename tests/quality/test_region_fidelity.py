@@ -91,13 +91,15 @@ def ramp_layout(world) -> rf.Layout:
 
 
 def column_blends(runner, layout, mode) -> torch.Tensor:
+    """rf.blend of each latent column over the region's rows, averaged over the samples."""
     region = layout.regions[0]
     latents = runner.run(f"rcca_{mode}", layout, 100, 5.0, "euler", batch=SAMPLES)
-    protos = runner.world.prototypes()
-    index = {c: i for i, c in enumerate(runner.world.CONCEPTS)}
-    a, b = protos[index[layout.background]], protos[index[region.concept]]
-    rows = latents[:, :, 4:28].float().mean(dim=(0, 2))  # (4, columns): mean colour per column
-    return ((rows - a[:, None]) * (b - a)[:, None]).sum(0) / torch.dot(b - a, b - a)
+    columns = []
+    for c in range(rf.LATENT):
+        cells = torch.zeros(rf.LATENT, rf.LATENT)
+        cells[4:28, c] = 1
+        columns.append(sum(rf.blend(x, cells, region.concept, layout.background, runner.world) for x in latents) / SAMPLES)
+    return torch.tensor(columns)
 
 
 def transition_width(blends: torch.Tensor) -> int:
