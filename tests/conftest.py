@@ -20,6 +20,8 @@ PACK_DIR = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR") or PACK_DIR / ".host" / "ComfyUI").resolve()
 PACK_MODULE = "rcca-palette"  # name of the custom_nodes/ link to this pack, ComfyUI's module key
 TINY_CKPT = "tiny_sd15.safetensors"
+TINY_FLUX_CKPT = "tiny_flux.safetensors"  # Flux.1-dev layout, random_checkpoints.TINY_FLUX
+TINY_SD3_CKPT = "tiny_sd3.safetensors"    # SD3/3.5 MMDiT layout, random_checkpoints.TINY_SD3
 
 sys.path.insert(0, str(PACK_DIR / "scripts"))  # random_checkpoints, comfy_server (unique names)
 
@@ -38,7 +40,7 @@ class _ServerStandIn:
 
 
 class ComfyHost:
-    """Handle on the in-process ComfyUI: `nodes` module, tiny checkpoint, graph runner."""
+    """Handle on the in-process ComfyUI: `nodes` module, tiny checkpoints, graph runner."""
 
     def __init__(self, nodes_module: Any, base: Path, ckpt_name: str) -> None:
         self.nodes = nodes_module
@@ -46,7 +48,7 @@ class ComfyHost:
         self.ckpt_name = ckpt_name
         self.pack_loaded = PACK_MODULE in nodes_module.LOADED_MODULE_DIRS
         self.last_executor: Any = None
-        self._tiny: tuple | None = None
+        self._loaded: dict[str, tuple] = {}
 
     def run_graph(self, prompt: dict) -> dict:
         """Validate and execute an API-format prompt like the server does; returns the history
@@ -84,11 +86,16 @@ class ComfyHost:
                 return module
         raise KeyError(f"{suffix} is not loaded; did the pack fail to import?")
 
+    def load_checkpoint(self, name: str) -> tuple:
+        """(model, clip, vae) of a checkpoint in the checkpoints folder via CheckpointLoaderSimple,
+        loaded once per session and name (TINY_CKPT, TINY_FLUX_CKPT, TINY_SD3_CKPT)."""
+        if name not in self._loaded:
+            self._loaded[name] = tuple(self.nodes.CheckpointLoaderSimple().load_checkpoint(name)[:3])
+        return self._loaded[name]
+
     def load_tiny(self) -> tuple:
-        """(model, clip, vae) of the tiny checkpoint, loaded once per session."""
-        if self._tiny is None:
-            self._tiny = tuple(self.nodes.CheckpointLoaderSimple().load_checkpoint(self.ckpt_name)[:3])
-        return self._tiny
+        """(model, clip, vae) of the tiny SD1.5 checkpoint, loaded once per session."""
+        return self.load_checkpoint(self.ckpt_name)
 
 
 def _is_comfy_file(module: Any) -> bool:
@@ -97,7 +104,8 @@ def _is_comfy_file(module: Any) -> bool:
 
 @pytest.fixture(scope="session")
 def comfy_host(tmp_path_factory: pytest.TempPathFactory) -> ComfyHost:
-    """ComfyUI imported in this process (CPU), custom nodes loaded, tiny SD1.5 checkpoint ready."""
+    """ComfyUI imported in this process (CPU), custom nodes loaded, tiny SD1.5 / Flux / SD3
+    checkpoints ready in its checkpoints folder."""
     if not (COMFYUI_DIR / "nodes.py").is_file():
         pytest.fail(f"no ComfyUI at {COMFYUI_DIR}: run `bash scripts/test.sh` (builds .host/) "
                     "or set COMFYUI_DIR", pytrace=False)
@@ -129,5 +137,8 @@ def comfy_host(tmp_path_factory: pytest.TempPathFactory) -> ComfyHost:
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     import random_checkpoints
     random_checkpoints.register_tiny_sd15()
+    random_checkpoints.register_tiny_dit()
     random_checkpoints.write_checkpoint(base / "checkpoints" / TINY_CKPT, random_checkpoints.TINY)
+    random_checkpoints.write_checkpoint(base / "checkpoints" / TINY_FLUX_CKPT, random_checkpoints.TINY_FLUX)
+    random_checkpoints.write_checkpoint(base / "checkpoints" / TINY_SD3_CKPT, random_checkpoints.TINY_SD3)
     return ComfyHost(nodes, base, TINY_CKPT)
