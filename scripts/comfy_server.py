@@ -288,6 +288,27 @@ def txt2img_prompt(ckpt_name: str, *, size: int = 256, seed: int = 42, steps: in
     }
 
 
+def dit_txt2img_prompt(ckpt_name: str, family: str, *, width: int = 64, height: int = 64, seed: int = 42,
+                       steps: int = 2, text: str = "a cat", prefix: str = "dit_txt2img") -> dict:
+    """txt2img prompt for a Flux ("flux") or SD3 ("sd3") all-in-one checkpoint, built-in nodes only.
+
+    Flux-dev is guidance-distilled: guidance goes in through FluxGuidance and cfg stays 1 (the
+    negative is then never evaluated); SD3 uses real cfg with a negative. Node "7" saves the image.
+    """
+    prompt = txt2img_prompt(ckpt_name, seed=seed, steps=steps, text=text, prefix=prefix)
+    prompt["4"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}}
+    sampler = prompt["5"]["inputs"]
+    sampler.update(sampler_name="euler", scheduler="simple")
+    if family == "flux":
+        prompt["8"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": 3.5}}
+        sampler.update(cfg=1.0, positive=["8", 0])
+    elif family == "sd3":
+        sampler.update(cfg=2.0)
+    else:
+        raise ValueError(f"family must be 'flux' or 'sd3', not {family!r}")
+    return prompt
+
+
 if __name__ == "__main__":  # smoke: start, print node count, stop
     with ComfyServer() as s:
         print(f"{s.url}: {len(s.get_json('/object_info'))} node types", file=sys.stderr)

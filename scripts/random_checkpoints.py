@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Random-weight SD1.5-layout checkpoints built with ComfyUI's own classes (no downloads).
+"""Random-weight SD1.5, Flux and SD3 checkpoints built with ComfyUI's own classes (no downloads).
 
 Key names come from ComfyUI's UNetModel / SDClipModel / TAESD, so they are exactly what its
 loader expects. Presets:
@@ -12,8 +12,17 @@ loader expects. Presets:
            does not depend on weight values.
 The VAE is always a random TAESD (ComfyUI recognises it by the 'taesd_decoder.1.weight' key).
 
+Flux.1-dev / SD3-3.5 (MMDiT) all-in-one layouts (diffusion model, CLIP-L (+ CLIP-G), T5, 16-channel
+TAESD), tiny widths; both need register_tiny_dit() in the ComfyUI process:
+  * tiny_flux: hidden 256 (2 heads of 128), 1 double + 1 single block; T5 64 wide, CLIP-L 32.
+  * tiny_sd3:  MMDiT depth 2 (hidden 128), qk rms-norm, x-block self-attention on layer 0;
+               CLIP-L 32 + CLIP-G 48, T5 96 wide.
+flux_unet_config("full") / sd3_unet_config("full") give Flux.1-dev / SD3.5-medium diffusion-model
+kwargs for in-process GPU benches (build_dit_model); no full DiT checkpoint is ever written.
+
 CLI (host venv python; needs ComfyUI, default <pack>/.host/ComfyUI):
-  python scripts/random_checkpoints.py --preset tiny|stock|full OUT.safetensors [--seed N] [--verify]
+  python scripts/random_checkpoints.py --preset tiny|stock|full|tiny_flux|tiny_sd3 OUT.safetensors [--seed N] [--verify]
+  python scripts/random_checkpoints.py --test-set DIR   # tiny_sd15 / tiny_flux / tiny_sd3 .safetensors
 """
 from __future__ import annotations
 
@@ -205,6 +214,9 @@ TINY_SD3 = DitPreset(
     # widths kept small because the vocabulary embeddings (49408 / 32128 rows) dominate the file
     t5=T5Shape(d_model=96, num_layers=1, num_heads=2, d_kv=48, d_ff=192))
 DIT_PRESETS: dict[str, DitPreset] = {p.name: p for p in (TINY_FLUX, TINY_SD3)}
+# file names test hosts give the tiny checkpoints (tests/conftest.py, tests/server/conftest.py)
+TEST_CHECKPOINTS: dict[str, Preset | DitPreset] = {
+    "tiny_sd15.safetensors": TINY, "tiny_flux.safetensors": TINY_FLUX, "tiny_sd3.safetensors": TINY_SD3}
 
 FLUX_AXES_DIM = [16, 56, 56]  # fixed by model_detection for "flux"; head width = sum = 128
 
@@ -522,14 +534,24 @@ def detect(path: str | os.PathLike) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("out", help="output .safetensors path")
+    ap.add_argument("out", nargs="?", help="output .safetensors path")
+    ap.add_argument("--test-set", metavar="DIR", help="instead of OUT: write every TEST_CHECKPOINTS file into DIR "
+                    "(one process, so a test server's fixture pays ComfyUI's import once)")
     ap.add_argument("--preset", choices=sorted(PRESETS) + sorted(DIT_PRESETS), default="tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
     ap.add_argument("--comfyui", default=None, help=f"ComfyUI dir (default {DEFAULT_COMFYUI})")
     ap.add_argument("--verify", action="store_true", help="load it back with ComfyUI and print the detected class")
     a = ap.parse_args(argv)
+    if (a.out is None) == (a.test_set is None):
+        ap.error("give exactly one of OUT and --test-set DIR")
     use_comfyui(a.comfyui)
+    if a.test_set:
+        for name, preset in TEST_CHECKPOINTS.items():
+            t = time.time()
+            write_checkpoint(os.path.join(a.test_set, name), preset, a.seed)
+            print(f"wrote {name} (preset {preset.name}) in {time.time() - t:.1f}s")
+        return 0
     t = time.time()
     write_checkpoint(a.out, PRESETS.get(a.preset) or DIT_PRESETS[a.preset], a.seed,
                      torch.float16 if a.dtype == "fp16" else torch.float32)

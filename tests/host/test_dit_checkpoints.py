@@ -93,3 +93,10 @@ def test_full_configs_build_meta_models(comfy_host, family):
     n = sum(p.numel() for p in model.parameters())
     # Flux.1-dev ~11.9 B parameters, SD3.5 medium ~2.2-2.5 B
     assert (11.5e9 < n < 12.5e9) if family == "flux" else (2.0e9 < n < 2.6e9), n
+
+
+def test_real_sizes_keep_the_stock_classes(comfy_host):
+    """register_tiny_dit's classes come first but leave real Flux.1-dev / SD3.5-medium widths alone."""
+    import comfy.model_detection as md
+    assert type(md.model_config_from_unet_config(rc.flux_unet_config("full"))).__name__ == "Flux"
+    assert type(md.model_config_from_unet_config(rc.sd3_unet_config("full"))).__name__ == "SD3"

@@ -1,5 +1,5 @@
 """Test-only ComfyUI custom-node module: lets a server's model detection accept the tiny random
-SD1.5 checkpoints of scripts/random_checkpoints.py. Adds no nodes.
+SD1.5, Flux and SD3 checkpoints of scripts/random_checkpoints.py. Adds no nodes.
 
 Loaded by ComfyServer when its parent folder (tests/support) is given as an extra custom_nodes
 folder; never shipped to users (it lives under tests/, outside the pack's node modules)."""
@@ -22,5 +22,6 @@ def _load_random_checkpoints():
 
 
 _load_random_checkpoints().register_tiny_sd15()
+_load_random_checkpoints().register_tiny_dit()
 
 NODE_CLASS_MAPPINGS = {}
