@@ -9,24 +9,26 @@ import logging
 import torch
 
 from ..rcca_core.attention import ATTENTION_MODES, RCCAOptions, RegionalCrossAttention, cross_attention_layers, parse_blocks
+from ..rcca_core.joint import CALL_KEY, TEXT_SEES, JointOptions, JointRegionalAttention
 from ..rcca_core.masks import check_latent_aspect
 from ..rcca_core.palette import PaletteError
 from . import types
+from .families import JOINT_FAMILIES, UNET_FAMILIES, check_palette_encoder, require_family
 
-SUPPORTED = "SD1.5 (incl. LCM / Hyper / Turbo variants) and SDXL"
 NODE = "RCCA Attention Patch"
 WRAPPER_KEY = "rcca_palette"
+REGION_TEXT = {"own region": "region", "whole image": "everywhere"}
 log = logging.getLogger("rcca_palette")
 
 
 def check_supported(model, node: str = NODE) -> None:
-    """RCCA needs a UNet with cross-attention on CLIP tokens: SD1.5 or SDXL families."""
-    import comfy.supported_models as sm
+    """The UNet-only nodes (stream, live) need a UNet with cross-attention on CLIP tokens: SD1.5 or SDXL."""
+    require_family(model, node, UNET_FAMILIES)
 
-    config = model.model.model_config
-    if not isinstance(config, (sm.SD15, sm.SDXL)):
-        raise PaletteError(f"{node} supports {SUPPORTED} models; this model is {type(config).__name__}. "
-                           "Use the model's own regional conditioning nodes instead.")
+
+def attention_dtype(base) -> "torch.dtype":
+    """The dtype the diffusion model computes attention in (manual cast or its weights')."""
+    return base.manual_cast_dtype if getattr(base, "manual_cast_dtype", None) is not None else base.get_dtype()
 
 
 def check_blocks(blocks, layers) -> None:
@@ -50,7 +52,13 @@ def replaced_layers(model_options: dict, rcca: RegionalCrossAttention) -> list:
                   and (key in replace or key[:2] in replace))
 
 
-def sampling_check(rcca: RegionalCrossAttention):
+def replaced_joint_blocks(model_options: dict) -> list:
+    """Joint blocks another pack replaced (patches_replace 'dit'): RCCA acts there only if the
+    replacement runs the original block with transformer_options."""
+    return sorted(model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {}))
+
+
+def sampling_check(rcca: "RegionalCrossAttention | JointRegionalAttention"):
     """An OUTER_SAMPLE wrapper: checks the latent and the final model options before the first step,
     so a wrong latent or a replaced layer is reported before any work is done."""
 
@@ -59,6 +67,13 @@ def sampling_check(rcca: RegionalCrossAttention):
         if latent_image is not None and latent_image.ndim == 4:
             palette = rcca.palette
             check_latent_aspect(palette.width, palette.height, latent_image.shape[-1] * 8, latent_image.shape[-2] * 8, NODE)
+        if isinstance(rcca, JointRegionalAttention):
+            replaced = replaced_joint_blocks(guider.model_options)
+            if replaced:
+                log.warning("RCCA Attention Patch: another node replaced joint blocks %s (patches_replace 'dit'); RCCA "
+                            "works there only if the replacement runs the original block with transformer_options",
+                            ", ".join(map(str, replaced)))
+            return executor(noise, latent_image, *args, **kwargs)
         replaced = replaced_layers(guider.model_options, rcca)
         if replaced:
             # a replacement that calls ComfyUI's attention with transformer_options still reaches RCCA;
@@ -79,8 +94,7 @@ def tick_wrapper(rcca: RegionalCrossAttention):
     from comfy.patcher_extension import WrappersMP
 
     def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
-        base = executor.class_obj
-        dtype = base.manual_cast_dtype if getattr(base, "manual_cast_dtype", None) is not None else base.get_dtype()
+        dtype = attention_dtype(executor.class_obj)
         own = c_crossattn.shape[1] if torch.is_tensor(c_crossattn) and c_crossattn.ndim == 3 else None
         compiled = "torch.compile" in (transformer_options.get("wrappers", {}).get(WrappersMP.APPLY_MODEL, {}) or {})
         options = rcca.with_tick(transformer_options, x.shape, own, dtype, x.device, static=rcca.static or compiled)
@@ -103,6 +117,42 @@ def uninstall_rcca(patcher, rcca: RegionalCrossAttention) -> None:
     rcca.uninstall(patcher.model_options)
     for kind in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.APPLY_MODEL):
         patcher.remove_wrappers_with_key(kind, WRAPPER_KEY)
+
+
+def joint_wrapper(joint: JointRegionalAttention):
+    """An APPLY_MODEL wrapper for joint-attention models: appends the region prompts' tokens to the
+    context (they then run through the text stream of every block) and puts this call's bias over
+    the joint sequence in transformer_options, where the attention override reads it. Raises when
+    no attention call reached the override: RCCA must never be silently off."""
+
+    def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        if kwargs.get("ref_latents") is not None:
+            raise PaletteError(f"{NODE}: reference latents (Flux Kontext, ReferenceLatent) add image tokens RCCA does "
+                               "not place yet; sample regions without reference images")
+        if kwargs.get("attention_mask") is not None:
+            raise PaletteError(f"{NODE}: the conditioning carries an attention mask (another regional or masking node); "
+                               "it covers the model's own text tokens only and cannot be combined with the region "
+                               "prompts. Use one of the two")
+        if not torch.is_tensor(c_crossattn) or c_crossattn.ndim != 3:
+            raise PaletteError(f"{NODE}: this model was called without a text context; RCCA needs the palette's "
+                               "background conditioning as the sampler's positive")
+        options = joint.with_call(transformer_options, x.shape, c_crossattn.shape[1], attention_dtype(executor.class_obj),
+                                  x.device)
+        out = executor(x, t, c_concat, joint.extend_context(c_crossattn), control, options, **kwargs)
+        if not options[CALL_KEY]["calls"]:
+            raise PaletteError(f"{NODE}: no attention call of this model reached RCCA: another node replaced the "
+                               "attention override or the joint blocks without running the originals. Use one of the "
+                               "two on this model")
+        return out
+
+    return wrapper
+
+
+def install_joint(patcher, joint: JointRegionalAttention) -> None:
+    import comfy.patcher_extension
+
+    joint.install(patcher.model_options)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, joint_wrapper(joint))
 
 
 class RCCAAttentionPatch(io.ComfyNode):
@@ -131,22 +181,30 @@ class RCCAAttentionPatch(io.ComfyNode):
                 io.Float.Input("self_attention_until", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="Until this point of the schedule, self-attention also keeps to regions: a pixel "
                                        "looks at pixels of its own region (soft masks: weighted by the chance to share "
-                                       "one). Keeps objects from spilling while the layout forms; 0 = off."),
+                                       "one). Keeps objects from spilling while the layout forms; 0 = off. SD1.5 / SDXL."),
+                io.Combo.Input("region_text", options=list(REGION_TEXT), default="own region", optional=True,
+                               tooltip="SD3 / Flux: what a region prompt's text tokens read of the image as they pass "
+                                       "through the joint blocks: its own region (default) or the whole image. "
+                                       "The background prompt always reads the whole image."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, palette, mode, start_percent, end_percent, blocks, pyramid=None,
-                self_attention_until=0.0) -> io.NodeOutput:
-        check_supported(model)
-        context_dim = model.model.model_config.unet_config.get("context_dim")
+                self_attention_until=0.0, region_text="own region") -> io.NodeOutput:
+        family = require_family(model, NODE)
+        check_palette_encoder(palette, family, NODE)
+        context_dim = model.model.model_config.unet_config.get("context_dim") if family in UNET_FAMILIES else None
         if context_dim is not None and palette.context_dim != context_dim:
             raise PaletteError(f"the palette's prompts are {palette.context_dim}-wide token embeddings but this model "
                                f"expects {context_dim}; encode the palette with the CLIP of the same checkpoint")
         if start_percent > end_percent:
             raise PaletteError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
-        upstream = RegionalCrossAttention.installed_in(model.model_options)
+        if region_text not in REGION_TEXT:
+            raise PaletteError(f"{NODE}: region_text must be one of {list(REGION_TEXT)}, got {region_text!r}")
+        upstream = RegionalCrossAttention.installed_in(model.model_options) or \
+            JointRegionalAttention.installed_in(model.model_options)
         if upstream is not None:
             raise PaletteError(
                 f"{NODE}: this MODEL already carries an RCCA Attention Patch (a palette of {len(upstream.palette.regions)} "
@@ -154,18 +212,46 @@ class RCCAAttentionPatch(io.ComfyNode):
                 "refused: put every region into one palette (chain Add Region nodes into one Regional Prompt "
                 "Palette), or connect this node to the unpatched model")
         sampling = model.get_model_object("model_sampling")
-        options = RCCAOptions(mode=mode, blocks=parse_blocks(blocks),
-                              sigma_start=float("inf") if start_percent <= 0.0 else float(sampling.percent_to_sigma(start_percent)),
-                              sigma_end=float(sampling.percent_to_sigma(end_percent)),
-                              self_sigma_end=float(sampling.percent_to_sigma(self_attention_until))
-                              if self_attention_until > 0.0 else float("inf"))
+        sigma_start = float("inf") if start_percent <= 0.0 else float(sampling.percent_to_sigma(start_percent))
+        sigma_end = float(sampling.percent_to_sigma(end_percent))
         patched = model.clone()
         previous = patched.model_options.get("transformer_options", {}).get("optimized_attention_override")
-        layers = cross_attention_layers(patched.get_model_object("diffusion_model"))
-        check_blocks(options.blocks, layers)
-        rcca = RegionalCrossAttention(palette, layers, options, pyramid, previous)
-        install_rcca(patched, rcca)
+        if family in JOINT_FAMILIES:
+            rcca = cls._joint(patched, palette, pyramid, mode, sigma_start, sigma_end, blocks, self_attention_until,
+                              region_text, previous)
+        else:
+            rcca = cls._unet(patched, palette, pyramid, mode, sigma_start, sigma_end, blocks, self_attention_until,
+                             sampling, previous)
         import comfy.patcher_extension
 
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, sampling_check(rcca))
         return io.NodeOutput(patched)
+
+    @staticmethod
+    def _unet(patched, palette, pyramid, mode, sigma_start, sigma_end, blocks, self_attention_until, sampling, previous):
+        options = RCCAOptions(mode=mode, blocks=parse_blocks(blocks), sigma_start=sigma_start, sigma_end=sigma_end,
+                              self_sigma_end=float(sampling.percent_to_sigma(self_attention_until))
+                              if self_attention_until > 0.0 else float("inf"))
+        layers = cross_attention_layers(patched.get_model_object("diffusion_model"))
+        check_blocks(options.blocks, layers)
+        rcca = RegionalCrossAttention(palette, layers, options, pyramid, previous)
+        install_rcca(patched, rcca)
+        return rcca
+
+    @staticmethod
+    def _joint(patched, palette, pyramid, mode, sigma_start, sigma_end, blocks, self_attention_until, region_text,
+               previous):
+        if parse_blocks(blocks) is not None:
+            raise PaletteError(f"{NODE}: on SD3 / Flux every joint block takes the regions; blocks must be 'all', "
+                               f"got {blocks!r}")
+        if self_attention_until > 0.0:
+            raise PaletteError(f"{NODE}: self_attention_until applies to SD1.5 / SDXL cross-attention; on SD3 / Flux "
+                               "set it to 0")
+        diffusion = patched.get_model_object("diffusion_model")
+        if getattr(diffusion, "register_length", 0):
+            raise PaletteError(f"{NODE}: this MMDiT prepends {diffusion.register_length} register tokens to the text, "
+                               "which RCCA does not place yet")
+        options = JointOptions(mode=mode, sigma_start=sigma_start, sigma_end=sigma_end, text_sees=REGION_TEXT[region_text])
+        joint = JointRegionalAttention(palette, options, pyramid, int(getattr(diffusion, "patch_size", 2)), previous)
+        install_joint(patched, joint)
+        return joint

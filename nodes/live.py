@@ -94,7 +94,8 @@ class LiveRunner:
         seq, specs = edit
         try:
             palette = Palette.build(add_regions(specs, self.chained), self.palette.background, self.palette.width,
-                                    self.palette.height, self._encode, drawn=len(specs))
+                                    self.palette.height, self._encode, drawn=len(specs),
+                                    encoder=self.palette.encoder)
             self.seq, self.condition, self.current = seq, self.runtime.condition(palette), palette
         except (PaletteError, ValueError) as e:  # keep streaming the last good state
             self._refused = True

@@ -8,6 +8,7 @@ from comfy_api.latest import io
 from ..rcca_core.palette import MAX_REGIONS, Palette, RegionSpec, add_region
 from ..rcca_core.palette_state import decode_state
 from . import types
+from .families import encoder_family
 
 
 class AddRegion(io.ComfyNode):
@@ -92,5 +93,5 @@ class RegionalPromptPalette(io.ComfyNode):
                 return background_cond[0][0]
             return clip.encode_from_tokens(clip.tokenize(text))
 
-        palette = Palette.build(specs, background, width, height, encode, drawn=len(drawn))
+        palette = Palette.build(specs, background, width, height, encode, drawn=len(drawn), encoder=encoder_family(clip))
         return io.NodeOutput(palette, background_cond, palette.coverage_with_background()[0])

@@ -280,14 +280,10 @@ class PreparedPalette:
             self._kv[(key, dtype, device)] = hit
         return hit[1], hit[2]
 
-    def bias(self, h: int, w: int, own: int, mode: str, eps: float, device: torch.device) -> dict[int, torch.Tensor]:
-        """Float32 bias (N, hw, own + extra tokens) for cond rows (0) and uncond rows (1)."""
-        cache_key = (h, w, own, mode, eps, device)
-        hit = self._bias.get(cache_key)
-        if hit is not None:
-            return hit
-        level = self.pyramid.level(h, w).to(device)  # (N, 1 + P, hw)
-        counts = [own] + self.token_counts + self.negative_counts
+    def block_weights(self, level: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Coverages (N, 1 + P, hw) -> each token block's weight (N, blocks, hw) for cond rows (0)
+        and uncond rows (1). Cond rows read the background and the region prompts; uncond rows
+        read a region's own negative inside it and the shared negative (block 0) elsewhere."""
         zeros = torch.zeros_like(level[:, :1])
         negatives = level[:, [1 + i for i in self.negative_regions]]
         cond_w = torch.cat([level, zeros.expand(-1, len(self.negative_counts), -1)], dim=1)
@@ -296,7 +292,17 @@ class PreparedPalette:
         else:
             shared = torch.ones_like(zeros)
         uncond_w = torch.cat([shared, zeros.expand(-1, len(self.token_counts), -1), negatives], dim=1)
-        hit = {0: region_bias(cond_w, counts, mode, eps), 1: region_bias(uncond_w, counts, mode, eps)}
+        return {0: cond_w, 1: uncond_w}
+
+    def bias(self, h: int, w: int, own: int, mode: str, eps: float, device: torch.device) -> dict[int, torch.Tensor]:
+        """Float32 bias (N, hw, own + extra tokens) for cond rows (0) and uncond rows (1)."""
+        cache_key = (h, w, own, mode, eps, device)
+        hit = self._bias.get(cache_key)
+        if hit is not None:
+            return hit
+        counts = [own] + self.token_counts + self.negative_counts
+        hit = {kind: region_bias(weights, counts, mode, eps)
+               for kind, weights in self.block_weights(self.pyramid.level(h, w).to(device)).items()}
         if len(self._bias) > 32:
             self._bias.clear()
         self._bias[cache_key] = hit

@@ -133,10 +133,11 @@ class Palette:
     regions: tuple[Region, ...]
     _coverage: torch.Tensor = field(repr=False, default=None)
     drawn: int = 0  # how many leading regions came from the drawing widget (live edits replace those)
+    encoder: str = ""  # the text encoder family that encoded the prompts ("sd1", "sdxl", "sd3", "flux"; "" unknown)
 
     @classmethod
     def build(cls, specs: Sequence[RegionSpec], background: str, width: int, height: int, encode: Encoder,
-              drawn: int = 0) -> "Palette":
+              drawn: int = 0, encoder: str = "") -> "Palette":
         """Validate everything first (cheap), then encode every prompt once."""
         if not isinstance(width, int) or not isinstance(height, int) or width < 8 or height < 8:
             raise PaletteError(f"canvas size must be whole pixels >= 8, got {width} x {height}")
@@ -162,7 +163,7 @@ class Palette:
             if ctx.shape[-1] != background_context.shape[-1]:
                 raise PaletteError("prompts encoded to different widths; use one CLIP for the whole palette")
             regions.append(Region(spec, ctx, neg))
-        return cls(width, height, background, background_context, tuple(regions), stacked.contiguous(), drawn)
+        return cls(width, height, background, background_context, tuple(regions), stacked.contiguous(), drawn, encoder)
 
     @property
     def context_dim(self) -> int:
@@ -180,7 +181,7 @@ class Palette:
         if self.samples == 1:
             return self
         return Palette(self.width, self.height, self.background, self.background_context, self.regions,
-                       self._coverage[index:index + 1], self.drawn)
+                       self._coverage[index:index + 1], self.drawn, self.encoder)
 
     def region_coverage(self) -> torch.Tensor:
         """(N, P, H, W) float32: strength * mask per region at canvas size."""

@@ -197,9 +197,10 @@ def test_bad_masks_and_models_are_refused(comfy_host):
     def fake_model(config):
         return types.SimpleNamespace(model=types.SimpleNamespace(model_config=config))
 
-    flux = object.__new__(sm.Flux)
-    with pytest.raises(ValueError, match="supports SD1.5 .* and SDXL models; this model is Flux"):
-        patch(comfy_host, fake_model(flux), palette)
+    for unsupported in (sm.HiDream, sm.Flux2):
+        with pytest.raises(ValueError, match=r"supports SD1.5 .*, SDXL, SD3 / SD3.5 and Flux.1 \(dev, schnell, fill\) "
+                                             f"models; this model is {unsupported.__name__}"):
+            patch(comfy_host, fake_model(object.__new__(unsupported)), palette)
     sd15 = object.__new__(sm.SD15)
     sd15.unet_config = {"context_dim": 768}
     with pytest.raises(ValueError, match="64-wide token embeddings but this model expects 768"):
