@@ -280,7 +280,8 @@ class JointRegionalAttention:
     def attention_override(self, func, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
         inputs = options.get(CALL_KEY)
-        q, k, v, heads = args[:4]
+        q, k, v = args[:3]
+        heads = args[3] if len(args) > 3 else kwargs["heads"]  # SD3 passes heads by name
         split_heads = kwargs.get("skip_reshape", False) or q.ndim == 4
         length = q.shape[2] if split_heads else q.shape[1]
         if inputs is None or length != inputs["length"]:
@@ -305,7 +306,7 @@ class JointRegionalAttention:
                 mask = mask[:, None]
             bias = bias + mask.to(bias.dtype)
         kwargs["mask"] = bias.to(q.dtype)
-        return self._call(func, (q, k, v, heads) + tuple(args[5:]), kwargs)
+        return self._call(func, tuple(args[:4]) + tuple(args[5:]), kwargs)
 
     def install(self, model_options: dict) -> None:
         """Register the override in a (cloned) ComfyUI model_options dict."""
