@@ -309,7 +309,25 @@ class PreparedPalette:
         return hit
 
 
-class RegionalCrossAttention:
+class ChainedOverride:
+    """An `optimized_attention_override` that keeps the override it replaced (another pack's) and
+    calls it in turn, so both act on every attention call."""
+
+    previous_override: Callable[..., Any] | None = None
+
+    def _call(self, func, args, kwargs):
+        if self.previous_override is not None:
+            return self.previous_override(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _restore_override(self, transformer_options: dict) -> None:
+        if self.previous_override is not None:
+            transformer_options["optimized_attention_override"] = self.previous_override
+        else:
+            transformer_options.pop("optimized_attention_override", None)
+
+
+class RegionalCrossAttention(ChainedOverride):
     """RCCA as ComfyUI hooks.
 
     - `attn2_patch` (an attn2_patch list entry) arms the next attention call when the layer,
@@ -606,10 +624,7 @@ class RegionalCrossAttention:
         for name in ("attn1_patch", "attn2_patch", "attn2_output_patch"):
             if name in patches:
                 patches[name] = [p for p in patches[name] if getattr(p, "__self__", None) is not self]
-        if self.previous_override is not None:
-            to["optimized_attention_override"] = self.previous_override
-        else:
-            to.pop("optimized_attention_override", None)
+        self._restore_override(to)
 
     @classmethod
     def installed_in(cls, model_options: dict) -> "RegionalCrossAttention | None":
@@ -621,11 +636,6 @@ class RegionalCrossAttention:
         return None
 
     # -- internals ------------------------------------------------------------------------
-    def _call(self, func, args, kwargs):
-        if self.previous_override is not None:
-            return self.previous_override(func, *args, **kwargs)
-        return func(*args, **kwargs)
-
     def _sigma_in_range(self, sigmas) -> bool:
         if self.options.full_range or sigmas is None:
             return True

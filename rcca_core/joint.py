@@ -49,7 +49,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import ATTENTION_MODES, PreparedPalette, region_bias, row_layout
+from .attention import ATTENTION_MODES, ChainedOverride, PreparedPalette, region_bias, row_layout
 from .masks import MaskPyramid
 from .palette import Palette, PaletteError
 
@@ -195,7 +195,7 @@ class PreparedJointPalette:
         return hit
 
 
-class JointRegionalAttention:
+class JointRegionalAttention(ChainedOverride):
     """RCCA for joint-attention models as ComfyUI hooks.
 
     - `extend_context` appends the region tokens to the model's own context (every row: the
@@ -314,11 +314,7 @@ class JointRegionalAttention:
         to["optimized_attention_override"] = self.attention_override
 
     def uninstall(self, model_options: dict) -> None:
-        to = model_options.get("transformer_options", {})
-        if self.previous_override is not None:
-            to["optimized_attention_override"] = self.previous_override
-        else:
-            to.pop("optimized_attention_override", None)
+        self._restore_override(model_options.get("transformer_options", {}))
 
     @classmethod
     def installed_in(cls, model_options: dict) -> "JointRegionalAttention | None":
@@ -329,8 +325,3 @@ class JointRegionalAttention:
                 return owner
             override = getattr(owner, "previous_override", None)
         return None
-
-    def _call(self, func, args, kwargs):
-        if self.previous_override is not None:
-            return self.previous_override(func, *args, **kwargs)
-        return func(*args, **kwargs)
