@@ -19,11 +19,13 @@ from ..rcca_core.rcd.losses import RCDLossConfig
 from ..rcca_core.rcd.optimize import (FD_BLOCKS, AttentionCapture, CaptureDone, LatentOptimizer, RCDError, RCDOptions,
                                       parse_thresholds, plan_layers)
 from ..rcca_core.rcd.parse import MAX_SUBJECTS, PARSERS, SubjectError, parse_subjects
-from ..rcca_core.rcd.refine import (RCD_PROMPT_KEY, RCD_SUBJECTS_KEY, check_alignment, locate_subjects,
-                                    prompt_record, refine_embedding, subject_records, word_ids, word_positions)
+from ..rcca_core.rcd.refine import (RCD_PROMPT_KEY, RCD_SUBJECTS_KEY, check_alignment, join_parts, locate_subjects,
+                                    offset_tokenizer, prompt_record, refine_embedding, shift_subjects, subject_records,
+                                    word_ids, word_positions)
 from . import types
 
-SUPPORTED = "SD1.5 (incl. LCM / Hyper / Turbo variants) and SDXL"
+SUPPORTED = "SD1.5 (incl. LCM / Hyper / Turbo variants) and SDXL"  # the Latent Optimizer's models
+REFINER_SUPPORTED = f"{SUPPORTED}, SD3 / SD3.5 (CLIP-L + CLIP-G + T5-XXL) and Flux.1 (T5-XXL + CLIP-L)"
 CLIP_END_TOKEN = 49407  # CLIP-L / CLIP-G end-of-text id, used when the tokenizer does not say
 TEACHERS = TeacherCache(maxsize=8)  # shared by every RCD Latent Optimizer: teachers per prompt + seed + settings
 
@@ -44,21 +46,45 @@ def _subject_list(text: str) -> list[str] | None:
     return parts or None
 
 
+def _family(clip) -> str:
+    """'sd3', 'flux' or 'clip' (SD1.5 / SDXL, and anything else, which _Tokens.tokenize then
+    refuses by its tokenizer keys): the layout of the context the text encoder returns."""
+    model = getattr(clip, "cond_stage_model", None)
+    try:
+        from comfy.text_encoders.flux import FluxClipModel
+        from comfy.text_encoders.sd3_clip import SD3ClipModel
+    except ImportError:  # a ComfyUI without these families
+        return "clip"
+    if isinstance(model, SD3ClipModel):
+        return "sd3"
+    if isinstance(model, FluxClipModel):
+        return "flux"
+    return "clip"
+
+
+_KEYS = {"sd3": {"l", "g", "t5xxl"}, "flux": {"l", "t5xxl"}}
+
+
 class _Tokens:
-    """Token ids of ComfyUI's tokenizer output for SD1 ('l') and SDXL ('g' + 'l') CLIPs."""
+    """Token ids of ComfyUI's tokenizer output: SD1 ('l') and SDXL ('g' + 'l') CLIPs, SD3
+    ('l' + 'g' + 't5xxl') and Flux.1 ('l' + 't5xxl')."""
 
     def __init__(self, clip) -> None:
         self.clip = clip
+        self.family = _family(clip)
         inner = getattr(clip, "tokenizer", None)
         sub = getattr(inner, "clip_l", None)
         self.end_token = int(getattr(sub, "end_token", None) or CLIP_END_TOKEN)
+        self.t5 = getattr(inner, "t5xxl", None)
 
     def tokenize(self, text: str) -> dict:
         tokens = self.clip.tokenize(text)
-        keys = set(tokens)
-        if not isinstance(tokens, dict) or "l" not in keys or not keys <= {"l", "g"}:
-            raise SubjectError(f"RCD Embedding Refiner supports the CLIP of {SUPPORTED} (CLIP-L, or CLIP-L + CLIP-G); "
-                               f"this CLIP has text encoders {sorted(keys) if isinstance(tokens, dict) else tokens!r}")
+        keys = set(tokens) if isinstance(tokens, dict) else set()
+        keys_ok = keys == _KEYS[self.family] if self.family in _KEYS else "l" in keys and keys <= {"l", "g"}
+        if not isinstance(tokens, dict) or not keys_ok:
+            raise SubjectError(f"RCD Embedding Refiner supports the text encoders of {REFINER_SUPPORTED}; this CLIP "
+                               f"({type(getattr(self.clip, 'cond_stage_model', None)).__name__}) has text encoders "
+                               f"{sorted(keys) if isinstance(tokens, dict) else tokens!r}")
         for key, windows in tokens.items():
             for window in windows:
                 for t in window:
@@ -84,6 +110,78 @@ class _Tokens:
     def positions(self, tokens: dict) -> tuple[int, ...]:
         return word_positions(self.windows(tokens), self.end_token)
 
+    # -- T5-XXL (SD3, Flux): sentencepiece, no start token, ends with </s>, one window
+    @property
+    def t5_end(self) -> int:
+        return int(getattr(self.t5, "end_token", None) or 1)
+
+    def t5_positions(self, tokens: dict) -> tuple[int, ...]:
+        return word_positions(self.windows(tokens, "t5xxl"), self.t5_end, has_start=False)
+
+    def t5_tokenizer(self, text: str, tokens: dict):
+        """locate_subjects' tokenize for the T5 pieces of ``text`` (whose ComfyUI tokens are ``tokens``)."""
+        hf = getattr(self.t5, "tokenizer", None)
+        try:
+            enc = hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        except (NotImplementedError, TypeError, ValueError) as e:
+            raise SubjectError(f"RCD Embedding Refiner needs character offsets from the T5 tokenizer to find the "
+                               f"subjects' pieces; {type(hf).__name__} gives none ({e})") from e
+        ids = list(enc["input_ids"])
+        if ids != word_ids(self.windows(tokens, "t5xxl"), self.t5_end, has_start=False):
+            raise SubjectError(f"the T5 tokens ComfyUI made of {text!r} differ from the T5 tokenizer's pieces; write "
+                               "RCD prompts as plain text")
+        return offset_tokenizer(text, ids, [tuple(o) for o in enc["offset_mapping"]])
+
+    def parts(self) -> list[tuple[str, tuple[str, ...]]]:
+        """(encoder name, tokenizer keys) of each part of the context, in context order: what
+        SD3ClipModel / FluxClipModel concatenate (an SD3 CLIP loaded without CLIP-L and -G
+        has no CLIP part, one without T5 no T5 part)."""
+        model = self.clip.cond_stage_model
+        if self.family == "flux":
+            return [("t5xxl", ("t5xxl",))]
+        out = []
+        if getattr(model, "clip_l", None) is not None or getattr(model, "clip_g", None) is not None:
+            out.append(("clip_l+clip_g", ("l", "g")))
+        if getattr(model, "t5xxl", None) is not None:
+            out.append(("t5xxl", ("t5xxl",)))
+        return out
+
+    def part_length(self, tokens: dict, keys: tuple[str, ...]) -> int:
+        return min(len(self.flat(tokens, k)) for k in keys)  # SD3ClipModel cuts CLIP-L/G to the shorter
+
+
+def _locate_joint(tok: _Tokens, parsed, full_tokens: dict, single_tokens: list[dict]):
+    """Subjects' positions over every part of an SD3 / Flux context, the word positions and the
+    parts' layout (for the records)."""
+    parts, positions, layout = [], [], []
+    offset, single_offsets = 0, [0] * len(parsed)
+    for name, keys in tok.parts():
+        if name == "t5xxl":
+            full_pos = tok.t5_positions(full_tokens)
+            tokenize = tok.t5_tokenizer(parsed.prompt, full_tokens)
+            single = {s: tok.t5_positions(t) for s, t in zip(parsed, single_tokens)}
+        else:
+            full_pos, tokenize = tok.positions(full_tokens), tok.word_ids
+            single = {s: tok.positions(t) for s, t in zip(parsed, single_tokens)}
+        try:
+            located = locate_subjects(parsed, tokenize, full_pos, lambda s: single[s])
+            for key in keys:
+                check_alignment(tok.flat(full_tokens, key), located, [tok.flat(t, key) for t in single_tokens])
+        except SubjectError as e:
+            hint = (" T5 cuts text into sentencepiece pieces: start each subject after a space and end it before a "
+                    "space or punctuation" if name == "t5xxl" else "")
+            raise SubjectError(f"{name} tokens: {e}{hint}") from e
+        length = tok.part_length(full_tokens, keys)
+        shifted = shift_subjects(located, offset, single_offsets)
+        parts.append((name, shifted))
+        positions += [offset + p for p in full_pos]
+        layout.append({"encoder": name, "offset": offset, "length": length})
+        offset += length
+        single_offsets = [o + tok.part_length(t, keys) for o, t in zip(single_offsets, single_tokens)]
+    if not parts:
+        raise SubjectError("this SD3 CLIP has no text encoder loaded; RCD needs CLIP-L / CLIP-G or T5-XXL")
+    return join_parts([p[1] for p in parts]), parts, tuple(positions), layout, offset, single_offsets
+
 
 def refine_conditioning(clip, prompt: str, subjects: list[str] | None = None, parser: str = "rules",
                         lambda_t: float = 0.5) -> list:
@@ -101,11 +199,17 @@ def refine_conditioning(clip, prompt: str, subjects: list[str] | None = None, pa
     tok = _Tokens(clip)
     full_tokens = tok.tokenize(parsed.prompt)
     single_tokens = [tok.tokenize(s.text) for s in parsed]
-    single_positions = {s: tok.positions(t) for s, t in zip(parsed, single_tokens)}
-    positions = tok.positions(full_tokens)
-    located = locate_subjects(parsed, tok.word_ids, positions, lambda s: single_positions[s])
-    for key in full_tokens:
-        check_alignment(tok.flat(full_tokens, key), located, [tok.flat(t, key) for t in single_tokens])
+    if tok.family == "clip":
+        single_positions = {s: tok.positions(t) for s, t in zip(parsed, single_tokens)}
+        positions = tok.positions(full_tokens)
+        located = locate_subjects(parsed, tok.word_ids, positions, lambda s: single_positions[s])
+        for key in full_tokens:
+            check_alignment(tok.flat(full_tokens, key), located, [tok.flat(t, key) for t in single_tokens])
+        parts, layout, lengths = None, None, None
+    else:
+        located, parts, positions, layout, full_len, single_lens = _locate_joint(tok, parsed, full_tokens,
+                                                                                 single_tokens)
+        lengths = [full_len] + single_lens
 
     full = clip.encode_from_tokens_scheduled(full_tokens)
     singles = [clip.encode_from_tokens_scheduled(t) for t in single_tokens]
@@ -114,9 +218,17 @@ def refine_conditioning(clip, prompt: str, subjects: list[str] | None = None, pa
         pick = [s[min(e, len(s) - 1)] for s in singles]  # same clip hook schedule for every encoding
         s_conds = [p[0] for p in pick]
         s_pooled = [p[1].get("pooled_output") for p in pick]
+        if lengths is not None:
+            # the positions are only right if the context is the parts laid end to end
+            got = [cond.shape[1]] + [c.shape[1] for c in s_conds]
+            if got != lengths:
+                raise SubjectError(f"RCD Embedding Refiner: the {tok.family} text encoder returned contexts of "
+                                   f"{got} tokens where its tokens make {lengths} ({layout}); unsupported encoder "
+                                   "setup")
         d = dict(extra)
-        d[RCD_SUBJECTS_KEY] = subject_records(located, s_conds, s_pooled)
-        d[RCD_PROMPT_KEY] = prompt_record(parsed.prompt, positions, lambda_t)
+        d[RCD_SUBJECTS_KEY] = subject_records(located, s_conds, s_pooled, parts)
+        d[RCD_PROMPT_KEY] = prompt_record(parsed.prompt, positions, lambda_t, None if layout is None else tok.family,
+                                          layout)
         out.append([refine_embedding(cond, s_conds, located, lambda_t), d])
     return out
 
@@ -130,14 +242,17 @@ class RCDEmbeddingRefiner(io.ComfyNode):
             category=types.CATEGORY,
             description="RCD (Refine-Control-Distill), refine: every subject token's embedding becomes "
                         "lambda_T x (its embedding in the prompt) + (1 - lambda_T) x (its embedding when the subject "
-                        "is encoded alone). The CONDITIONING carries the subjects' token spans for RCD Latent Optimizer. "
-                        f"{SUPPORTED}.",
+                        "is encoded alone), in every text encoder's part of the context the model reads: CLIP tokens "
+                        "(SD1.5, SDXL), CLIP-L/G and T5 tokens (SD3 / SD3.5), T5 tokens (Flux.1; its CLIP-L pooled "
+                        "vector stays the prompt's). The CONDITIONING carries the subjects' token spans for RCD Latent "
+                        f"Optimizer (SD1.5 / SDXL only). Supports {REFINER_SUPPORTED}.",
             inputs=[
-                io.Clip.Input("clip"),
+                io.Clip.Input("clip", tooltip=f"The text encoder(s) of {REFINER_SUPPORTED}."),
                 io.String.Input("prompt", multiline=True, default="",
                                 tooltip="Plain text naming the subjects, e.g. 'a black kitten and a white dog on a red "
                                         "couch'. Mark subjects yourself with [brackets] if the parser gets them wrong. "
-                                        "No '(text:1.2)' emphasis or 'embedding:' names."),
+                                        "No '(text:1.2)' emphasis or 'embedding:' names. With T5 (SD3, Flux) put "
+                                        "spaces around subjects ('kitten,a dog' cuts 'a' into other pieces)."),
                 io.String.Input("subjects", default="", optional=True,
                                 tooltip="Empty: [bracketed] phrases of the prompt, else the parser. Otherwise the subject "
                                         f"phrases, separated by commas or new lines (at most {MAX_SUBJECTS}); each must "
@@ -347,6 +462,11 @@ class RCDRun:
         self.entry = _rcd_entry(guider)
         base_model = guider.inner_model
         check_supported_model(base_model)
+        if self.entry[RCD_PROMPT_KEY].get("family") is not None:
+            # positions of a joint (SD3 / Flux) context; an SD1.5 / SDXL UNet reads other tokens
+            raise RCDError(f"RCD Latent Optimizer: the conditioning was refined for "
+                           f"{self.entry[RCD_PROMPT_KEY]['family']} text encoders; the optimizer supports {SUPPORTED} "
+                           "(connect an RCD Embedding Refiner fed by this model's own CLIP)")
         self.unet = base_model.diffusion_model
         self.plan = plan_layers(self.unet, o.attention_level, o.fd_blocks)
         self.subjects = self.entry[RCD_SUBJECTS_KEY]

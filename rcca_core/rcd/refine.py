@@ -22,6 +22,13 @@ subject k-th word tokens map to exact sequence positions whatever the layout; pa
 The subject information travels with the CONDITIONING (ComfyUI keeps unknown keys of a
 conditioning dict through sampling) under ``RCD_SUBJECTS_KEY`` and ``RCD_PROMPT_KEY``; the
 Latent Optimizer reads it from the guider's positive conditioning. Never imports ComfyUI.
+
+Joint text encoders (SD3 / SD3.5: CLIP-L + CLIP-G then T5-XXL; Flux.1: T5-XXL, CLIP-L only for
+the pooled vector). The context concatenates each encoder's tokens along the token axis, so a
+subject has tokens in every part the model reads. Each part is located on its own
+(``locate_subjects``; T5's sentencepiece pieces through ``offset_tokenizer``), moved to its
+place in the context (``shift_subjects``) and the parts joined per subject (``join_parts``);
+``refine_embedding`` then fuses every one of those positions with the same formula.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ RCD_PROMPT_KEY = "rcd_prompt"
 __all__ = [
     "RCD_SUBJECTS_KEY", "RCD_PROMPT_KEY", "SubjectTokens", "word_ids", "word_positions", "locate_subjects",
     "check_alignment", "fuse_subject_tokens", "refine_embedding", "subject_records", "prompt_record",
+    "offset_tokenizer", "shift_subjects", "join_parts",
 ]
 
 
@@ -68,26 +76,89 @@ class SubjectTokens:
                                f"match its position in the prompt")
 
 
-def word_ids(windows: Sequence[Sequence[int]], end_token: int) -> list[int]:
-    """Word token ids of a tokenized prompt: each window without its start token, up to its end token."""
+def word_ids(windows: Sequence[Sequence[int]], end_token: int, has_start: bool = True) -> list[int]:
+    """Word token ids of a tokenized prompt: each window without its start token (T5 has none), up to its end token."""
+    first = 1 if has_start else 0
     out: list[int] = []
     for w in windows:
         w = list(w)
-        stop = w.index(end_token, 1) if end_token in w[1:] else len(w)
-        out.extend(w[1:stop])
+        stop = w.index(end_token, first) if end_token in w[first:] else len(w)
+        out.extend(w[first:stop])
     return out
 
 
-def word_positions(windows: Sequence[Sequence[int]], end_token: int) -> tuple[int, ...]:
+def word_positions(windows: Sequence[Sequence[int]], end_token: int, has_start: bool = True) -> tuple[int, ...]:
     """Sequence position of every word token (in order) in the flattened windows of a prompt."""
+    first = 1 if has_start else 0
     out: list[int] = []
     offset = 0
     for w in windows:
         w = list(w)
-        stop = w.index(end_token, 1) if end_token in w[1:] else len(w)
-        out.extend(offset + j for j in range(1, stop))
+        stop = w.index(end_token, first) if end_token in w[first:] else len(w)
+        out.extend(offset + j for j in range(first, stop))
         offset += len(w)
     return tuple(out)
+
+
+def offset_tokenizer(prompt: str, ids: Sequence[int], offsets: Sequence[tuple[int, int]]) -> Callable[[str], list[int]]:
+    """A ``tokenize`` for ``locate_subjects`` from one tokenization of ``prompt`` with character offsets.
+
+    Sentencepiece (T5) cannot be counted by tokenizing prefixes as CLIP's BPE can: a prefix
+    that ends in a space or in the middle of "kitten," is cut into other pieces than the
+    prompt. So the pieces of the whole prompt are counted instead: a prefix of the prompt
+    holds every piece that starts before its end. A piece that straddles a subject's edge
+    counts as outside it; ``check_alignment`` then reports the mismatch. ``ids`` / ``offsets``:
+    the prompt's pieces without special tokens, offsets into ``prompt`` (a tokenizer's
+    offset mapping, which already undoes its unicode normalisation).
+    """
+    if len(ids) != len(offsets):
+        raise ValueError(f"{len(ids)} token ids but {len(offsets)} offsets")
+    starts = [int(o[0]) for o in offsets]
+    if starts != sorted(starts):
+        raise SubjectError(f"the tokenizer's character offsets of {prompt!r} are not in order; cannot map words to "
+                           "its tokens")
+    pieces = [int(i) for i in ids]
+
+    def tokenize(prefix: str) -> list[int]:
+        if not prompt.startswith(prefix):
+            raise SubjectError(f"offset_tokenizer counts pieces of prefixes of {prompt!r} only; got {prefix!r}")
+        n = len(prefix)
+        return [i for i, a in zip(pieces, starts) if a < n]
+
+    return tokenize
+
+
+def shift_subjects(subjects: Sequence[SubjectTokens], offset: int,
+                   single_offsets: Sequence[int]) -> list[SubjectTokens]:
+    """The subjects with positions moved by one encoder's start in the context: ``offset`` in the
+    prompt's, ``single_offsets[i]`` in subject i's single-subject context."""
+    return [SubjectTokens(s.text, tuple(offset + i for i in s.indices), offset + s.noun_index,
+                          tuple(o + i for i in s.single_indices), o + s.single_noun_index)
+            for s, o in zip(subjects, single_offsets)]
+
+
+def join_parts(parts: Sequence[Sequence[SubjectTokens]]) -> list[SubjectTokens]:
+    """Each subject's tokens in every encoder's part of one context (SD3: CLIP-L/G then T5).
+
+    ``parts[p][i]`` is subject i in part p, already shifted to context positions
+    (``shift_subjects``). The noun is the first part's: a joint model reads all parts, one
+    noun token per subject is what SubjectTokens records.
+    """
+    if not parts:
+        raise ValueError("join_parts needs at least one part")
+    if len({len(p) for p in parts}) != 1:
+        raise ValueError(f"every part needs every subject: {[len(p) for p in parts]} subjects per part")
+    out = []
+    for group in zip(*parts):
+        first = group[0]
+        if any(s.text != first.text for s in group):
+            raise ValueError(f"parts list subjects in different orders: {[s.text for s in group]}")
+        indices = tuple(i for s in group for i in s.indices)
+        single = tuple(i for s in group for i in s.single_indices)
+        if len(set(indices)) != len(indices) or len(set(single)) != len(single):
+            raise ValueError(f"subject {first.text!r}: encoder parts overlap (offsets wrong?)")
+        out.append(SubjectTokens(first.text, indices, first.noun_index, single, first.single_noun_index))
+    return out
 
 
 def locate_subjects(parsed: ParsedPrompt, tokenize: Callable[[str], list[int]], positions: Sequence[int],
@@ -185,15 +256,38 @@ def refine_embedding(full: torch.Tensor, singles: Sequence[torch.Tensor], subjec
     return out
 
 
+def _positions(s: SubjectTokens) -> dict:
+    return {"indices": s.indices, "noun_index": s.noun_index, "single_indices": s.single_indices,
+            "single_noun_index": s.single_noun_index}
+
+
 def subject_records(subjects: Sequence[SubjectTokens], single_conds: Sequence[torch.Tensor],
-                    single_pooled: Sequence[torch.Tensor | None]) -> list[dict]:
+                    single_pooled: Sequence[torch.Tensor | None],
+                    parts: Sequence[tuple[str, Sequence[SubjectTokens]]] | None = None) -> list[dict]:
     """What the refiner stores under RCD_SUBJECTS_KEY: per subject its text, token positions and
-    its single-subject conditioning (the Latent Optimizer's teacher prompt)."""
-    return [{"text": s.text, "indices": s.indices, "noun_index": s.noun_index, "single_indices": s.single_indices,
-             "single_noun_index": s.single_noun_index, "cond": c, "pooled_output": p}
-            for s, c, p in zip(subjects, single_conds, single_pooled)]
+    its single-subject conditioning (the Latent Optimizer's teacher prompt).
+
+    ``parts`` (joint text encoders only): (encoder name, the subjects' context positions in
+    that encoder's part); each record then lists them under "parts", so a reader can tell the
+    CLIP tokens of SD3 from its T5 tokens. The flat "indices" hold every part's positions."""
+    out = []
+    for i, (s, c, p) in enumerate(zip(subjects, single_conds, single_pooled)):
+        rec = {"text": s.text, **_positions(s), "cond": c, "pooled_output": p}
+        if parts is not None:
+            rec["parts"] = tuple({"encoder": name, **_positions(located[i])} for name, located in parts)
+        out.append(rec)
+    return out
 
 
-def prompt_record(prompt: str, positions: Sequence[int], lambda_t: float) -> dict:
-    """What the refiner stores under RCD_PROMPT_KEY: the encoded prompt and its word token positions."""
-    return {"prompt": prompt, "word_positions": tuple(positions), "lambda_t": float(lambda_t)}
+def prompt_record(prompt: str, positions: Sequence[int], lambda_t: float, family: str | None = None,
+                  parts: Sequence[dict] | None = None) -> dict:
+    """What the refiner stores under RCD_PROMPT_KEY: the encoded prompt and its word token positions.
+
+    For joint text encoders (SD3, Flux) also the ``family`` and the context's ``parts``
+    ({"encoder", "offset", "length"} each); ``positions`` then spans every part. SD1.5 / SDXL
+    records have neither, as before."""
+    rec = {"prompt": prompt, "word_positions": tuple(positions), "lambda_t": float(lambda_t)}
+    if family is not None:
+        rec["family"] = family
+        rec["parts"] = tuple(dict(p) for p in (parts or ()))
+    return rec
