@@ -125,11 +125,13 @@ def row_layout(rows: int, latents: int, armed: Sequence[int], live: Sequence[int
         "couple that keeps cond_or_uncond in step with the batch (e.g. Acly's Regions Attention Mask)")
 
 
-def region_bias(weights: torch.Tensor, token_counts: Sequence[int], mode: str = "soft", eps: float = 1e-4) -> torch.Tensor:
+def region_bias(weights: torch.Tensor, token_counts: Sequence[int], mode: str = "soft", eps: float = 1e-4,
+                log_scale: Sequence[float] | None = None) -> torch.Tensor:
     """Per-block coverages (N, K, hw) -> additive attention bias (N, hw, sum(token_counts)), float32.
 
     Block k covers token_counts[k] consecutive tokens of the context. Block 0 is the fallback
-    for rows that would otherwise have no finite entry.
+    for rows that would otherwise have no finite entry. log_scale (K,): log of each block's region
+    weight, added where the block is read (a weight scales the logits, not the coverage).
     """
     if weights.shape[1] != len(token_counts):
         raise ValueError(f"{weights.shape[1]} coverage blocks but {len(token_counts)} token blocks")
@@ -141,6 +143,8 @@ def region_bias(weights: torch.Tensor, token_counts: Sequence[int], mode: str = 
         blocks = torch.where(weights > eps, weights.clamp_min(eps).log(), neg_inf)
     dead = torch.isinf(blocks).all(dim=1)  # (N, hw)
     blocks[:, 0] = blocks[:, 0].masked_fill(dead, 0.0)
+    if log_scale is not None and any(log_scale):
+        blocks = blocks + torch.as_tensor(list(log_scale), dtype=blocks.dtype, device=blocks.device)[None, :, None]
     counts = torch.as_tensor(list(token_counts), device=weights.device)
     return blocks.transpose(1, 2).repeat_interleave(counts, dim=-1).contiguous()
 
@@ -246,6 +250,9 @@ class PreparedPalette:
         self.context = torch.cat(contexts, dim=1)  # (1, extra tokens, D)
         self.token_counts = [r.context.shape[1] for r in regions]
         self.negative_counts = [regions[i].negative_context.shape[1] for i in self.negative_regions]
+        # cond rows: each region prompt's logits scaled by its weight; negatives and uncond rows unweighted
+        self.log_weights = {0: [0.0] + [math.log(r.spec.weight) for r in regions] + [0.0] * len(self.negative_counts),
+                            1: None}
         self._kv: dict[tuple, tuple] = {}
         self._bias: dict[tuple, dict[int, torch.Tensor]] = {}
 
@@ -301,7 +308,7 @@ class PreparedPalette:
         if hit is not None:
             return hit
         counts = [own] + self.token_counts + self.negative_counts
-        hit = {kind: region_bias(weights, counts, mode, eps)
+        hit = {kind: region_bias(weights, counts, mode, eps, self.log_weights[kind])
                for kind, weights in self.block_weights(self.pyramid.level(h, w).to(device)).items()}
         if len(self._bias) > 32:
             self._bias.clear()

@@ -90,9 +90,10 @@ def first_tokens(counts: Sequence[int]) -> list[int]:
 
 
 def joint_bias(weights: torch.Tensor, counts: Sequence[int], mode: str = "soft", eps: float = 1e-4,
-               text_sees: str = "region") -> torch.Tensor:
+               text_sees: str = "region", log_scale: Sequence[float] | None = None) -> torch.Tensor:
     """Block weights (N, K, hw) -> additive bias (N, T + hw, T + hw) over [text | image], float32,
-    T = sum(counts): the formula of this module's docstring (before soft normalisation)."""
+    T = sum(counts): the formula of this module's docstring (before soft normalisation); log_scale
+    (K,) the log of each block's region weight, added to the image -> text logits."""
     if weights.shape[1] != len(counts):
         raise ValueError(f"{weights.shape[1]} weight blocks but {len(counts)} token blocks")
     weights = weights.float()
@@ -102,7 +103,7 @@ def joint_bias(weights: torch.Tensor, counts: Sequence[int], mode: str = "soft",
     neg_inf = torch.tensor(float("-inf"), device=device)
     zero = torch.zeros((), device=device)
     out = torch.zeros(n, text + hw, text + hw, device=device)
-    out[:, text:, :text] = region_bias(weights, counts, mode, eps)
+    out[:, text:, :text] = region_bias(weights, counts, mode, eps, log_scale)
     ids = torch.repeat_interleave(torch.arange(blocks, device=device), torch.as_tensor(list(counts), device=device))
     out[:, :text, :text] = torch.where(ids[:, None] == ids[None, :], zero, neg_inf)
     if text_sees == "everywhere":
@@ -184,7 +185,7 @@ class PreparedJointPalette:
             if not active:
                 weights = torch.cat([torch.ones_like(weights[:, :1]), torch.zeros_like(weights[:, 1:])], dim=1)
             o = self.options
-            bias = joint_bias(weights, counts, o.mode, o.eps, o.text_sees)
+            bias = joint_bias(weights, counts, o.mode, o.eps, o.text_sees, self.prepared.log_weights[kind] if active else None)
             text = sum(counts)
             readable = torch.isfinite(bias[:, text:, first])  # (N, hw, K): blocks an image token reads
             mixed = o.mode == "soft" and o.normalize and bool((readable.sum(-1) > 1).any())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -19,6 +19,8 @@ from .errors import PaletteError
 
 MAX_REGIONS = 16
 """More regions than this rarely help a drawing and make the concatenated context long."""
+MAX_WEIGHT = 10.0
+"""Region weights go up to ComfyUI's own conditioning strength limit."""
 
 DEFAULT_COLORS = (
     "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
@@ -64,6 +66,10 @@ class RegionSpec:
 
     mask: (H, W) for one canvas, or (N, H, W) for N latents that each get their own mask
     (a batch, or the frames of a stream). The region's coverage is strength * mask.
+    weight: scales the region's attention logits (bias log M + log weight), distinct from opacity.
+    context: token embeddings (1, L, D) from a CONDITIONING; then they are the region's tokens
+    and the prompt is only a label.
+    loras: region LoRAs (opaque to the palette: the attention patch applies them).
     """
 
     prompt: str
@@ -72,11 +78,25 @@ class RegionSpec:
     negative: str = ""
     name: str = ""
     color: str = ""
+    weight: float = 1.0
+    context: torch.Tensor | None = None
+    loras: tuple = ()
 
     def __post_init__(self) -> None:
         what = f"region '{self.name}'" if self.name else "region"
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise PaletteError(f"{what}: prompt is empty; every region needs the text it should show")
+        if self.context is not None:
+            if not isinstance(self.context, torch.Tensor) or self.context.ndim != 3 or self.context.shape[0] != 1 \
+                    or self.context.shape[1] == 0 or not torch.is_floating_point(self.context):
+                shape = tuple(self.context.shape) if isinstance(self.context, torch.Tensor) else type(self.context).__name__
+                raise PaletteError(f"{what}: a conditioning must hold one float tensor of token embeddings "
+                                   f"(1, tokens, width), got {shape}")
+            if not bool(torch.isfinite(self.context).all()):
+                raise PaletteError(f"{what}: the conditioning contains NaN or infinite values")
+        elif not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise PaletteError(f"{what}: prompt is empty; every region needs the text it should show "
+                               "(or a conditioning)")
+        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and 0.0 < self.weight <= MAX_WEIGHT):
+            raise PaletteError(f"{what}: weight must be a number in (0, {MAX_WEIGHT:g}], got {self.weight!r}")
         if not isinstance(self.mask, torch.Tensor) or self.mask.ndim not in (2, 3):
             shape = tuple(self.mask.shape) if isinstance(self.mask, torch.Tensor) else type(self.mask).__name__
             raise PaletteError(f"{what}: mask must be (H, W) or (N, H, W), got {shape}")
@@ -105,7 +125,7 @@ def add_region(chain: Sequence[RegionSpec], spec: RegionSpec) -> tuple[RegionSpe
     name = spec.name or f"region {len(chain) + 1}"
     color = spec.color or DEFAULT_COLORS[len(chain) % len(DEFAULT_COLORS)]
     if name != spec.name or color != spec.color:
-        spec = RegionSpec(spec.prompt, spec.mask, spec.strength, spec.negative, name, color)
+        spec = replace(spec, name=name, color=color)
     return chain + (spec,)
 
 
@@ -158,10 +178,11 @@ class Palette:
         background_context = _encoded(encode, background, "background prompt")
         regions = []
         for spec in specs:
-            ctx = _encoded(encode, spec.prompt, f"region '{spec.name}' prompt")
+            ctx = spec.context if spec.context is not None else _encoded(encode, spec.prompt, f"region '{spec.name}' prompt")
             neg = _encoded(encode, spec.negative, f"region '{spec.name}' negative") if spec.negative.strip() else None
             if ctx.shape[-1] != background_context.shape[-1]:
-                raise PaletteError("prompts encoded to different widths; use one CLIP for the whole palette")
+                raise PaletteError(f"region '{spec.name}': its tokens are {ctx.shape[-1]} wide but the background's are "
+                                   f"{background_context.shape[-1]}; encode every prompt and conditioning with one CLIP")
             regions.append(Region(spec, ctx, neg))
         return cls(width, height, background, background_context, tuple(regions), stacked.contiguous(), drawn, encoder)
 

@@ -575,3 +575,32 @@ def test_half_precision_bias_keeps_fallback_rows_and_no_nan(dtype):
         probs = torch.softmax((logits + half).float(), dim=-1)
         assert torch.isfinite(probs).all()
         torch.testing.assert_close(probs[0, 0, :2].sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("weight", [2.0, 0.5])
+def test_region_weight_scales_its_share_where_prompts_mix(weight):
+    """weight w adds log w to the region's logits: where it mixes with the background its share
+    becomes w M / (w M + M_0) (at 50 % opacity: 2/3 at w = 2, 1/3 at w = 0.5); where it is alone
+    (100 %) the row reads one prompt and nothing changes."""
+    h, w = 6, 8
+    half = torch.zeros(24, 32)
+    half[:, :16] = 0.5
+    half[:, 16:] = 1.0
+    layer, palette, rcca, to = make([RegionSpec("a dog", half, weight=weight)])
+    seen = {}
+
+    def capture(func, q, k, v, heads, mask=None, **kw):
+        seen.update(q=q, k=k, mask=mask)
+        return func(q, k, v, heads, mask=mask, **kw)
+
+    rcca.previous_override = capture
+    x = queries(1, h, w)
+    out = run_layer(layer, x, encode("bg"), h, w, {**to, "cond_or_uncond": [0]})
+    counts = [encode("bg").shape[1], palette.regions[0].context.shape[1]]
+    got = _masses64(seen["q"], seen["k"], seen["mask"], HEADS, counts).reshape(1, HEADS, h, w, 2)
+    share = weight * 0.5 / (weight * 0.5 + 0.5)
+    torch.testing.assert_close(got[..., :4, 1], torch.full_like(got[..., :4, 1], share), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[..., 4:, 1], torch.ones_like(got[..., 4:, 1]), atol=1e-6, rtol=0)
+    with pytest.raises(PaletteError, match=r"weight must be a number in \(0, 10\]"):
+        RegionSpec("a dog", half, weight=0.0)
+    assert torch.isfinite(out).all()

@@ -259,3 +259,22 @@ def test_joint_bias_checks_its_blocks():
     with pytest.raises(PaletteError, match="text_sees"):
         JointOptions(text_sees="nowhere")
     assert PreparedJointPalette  # exported for the node layer
+
+
+def test_region_weight_scales_the_joint_text_mass():
+    """On joint attention a weight w multiplies the region's coverage in both the share among the
+    prompts and the text's weight against the image tokens (the bias gains log w)."""
+    half = torch.zeros(48, 64)
+    half[:, :32] = 0.5
+    plain = make([RegionSpec("a fox", half)]).prepared
+    heavy = make([RegionSpec("a fox", half, weight=2.0)]).prepared
+    counts = plain.counts(4)
+    text = sum(counts)
+    a, _ = plain.bias(H, W, 4, True, torch.device("cpu"))[0]
+    b, _ = heavy.bias(H, W, 4, True, torch.device("cpu"))[0]
+    fox = slice(counts[0], text)
+    diff = b[0, text:, fox] - a[0, text:, fox]
+    finite = torch.isfinite(a[0, text:, fox])
+    torch.testing.assert_close(diff[finite], torch.full_like(diff[finite], float(torch.log(torch.tensor(2.0)))))
+    torch.testing.assert_close(b[0, :, :counts[0]], a[0, :, :counts[0]])  # the background is unweighted
+    assert torch.equal(b[0, :text], a[0, :text])  # text rows unchanged
