@@ -18,17 +18,21 @@ from pathlib import Path
 PACK = Path(__file__).resolve().parents[1]
 OUT = PACK / "example_workflows"
 DEMO_CKPT = "rcca_demo_random_sd15.safetensors"  # scripts/run_demo.py puts a user's checkpoint or a random one here
+DEMO_CKPT_FLUX = "rcca_demo_random_flux.safetensors"  # same convention for the Flux.1 / SD3-3.5 workflows
+DEMO_CKPT_SD3 = "rcca_demo_random_sd3.safetensors"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 SIZE = 512
+DIT_SIZE = 1024  # Flux.1 / SD3.5 native resolution (scripts/run_demo.py scales it down for random weights)
 
 
-def regions_graph(sampler: str, steps: int, cfg: float, scheduler: str) -> dict:
+def regions_graph(sampler: str, steps: int, cfg: float, scheduler: str, ckpt: str = DEMO_CKPT,
+                  size: int = SIZE) -> dict:
     """Two regions (left: fox, right: car) over a meadow, RCCA-patched model, core KSampler."""
     return {
-        "1": ("CheckpointLoaderSimple", {"ckpt_name": DEMO_CKPT}, (0, 0)),
-        "2": ("SolidMask", {"value": 0.0, "width": SIZE, "height": SIZE}, (0, 160)),
-        "3": ("SolidMask", {"value": 1.0, "width": SIZE // 2, "height": SIZE}, (0, 300)),
+        "1": ("CheckpointLoaderSimple", {"ckpt_name": ckpt}, (0, 0)),
+        "2": ("SolidMask", {"value": 0.0, "width": size, "height": size}, (0, 160)),
+        "3": ("SolidMask", {"value": 1.0, "width": size // 2, "height": size}, (0, 300)),
         "4": ("MaskComposite", {"destination": ["2", 0], "source": ["3", 0], "x": 0, "y": 0, "operation": "add"}, (250, 160)),
         "5": ("InvertMask", {"mask": ["4", 0]}, (250, 360)),
         "6": ("RCCAAddRegion", {"mask": ["4", 0], "prompt": "a red fox sitting in the grass", "strength": 1.0,
@@ -36,8 +40,8 @@ def regions_graph(sampler: str, steps: int, cfg: float, scheduler: str) -> dict:
         "7": ("RCCAAddRegion", {"mask": ["5", 0], "prompt": "a blue vintage car", "strength": 1.0,
                                 "negative": "", "name": "car", "color": "#4363d8", "regions": ["6", 0]}, (500, 420)),
         "8": ("RCCARegionalPromptPalette", {"clip": ["1", 1], "background": "a sunny meadow, detailed photograph",
-                                            "width": SIZE, "height": SIZE, "regions": ["7", 0]}, (850, 100)),
-        "9": ("EmptyLatentImage", {"width": SIZE, "height": SIZE, "batch_size": 1}, (850, 420)),
+                                            "width": size, "height": size, "regions": ["7", 0]}, (850, 100)),
+        "9": ("EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, (850, 420)),
         "10": ("RCCAMaskPyramid", {"palette": ["8", 0], "mode": "area", "latent": ["9", 0], "levels": 4}, (1200, 420)),
         "11": ("RCCAAttentionPatch", {"model": ["1", 0], "palette": ["8", 0], "pyramid": ["10", 0], "mode": "soft",
                                       "start_percent": 0.0, "end_percent": 1.0, "blocks": "all"}, (1200, 100)),
@@ -48,6 +52,31 @@ def regions_graph(sampler: str, steps: int, cfg: float, scheduler: str) -> dict:
         "14": ("VAEDecode", {"samples": ["13", 0], "vae": ["1", 2]}, (1900, 100)),
         "15": ("SaveImage", {"images": ["14", 0], "filename_prefix": "rcca_palette"}, (2150, 100)),
     }
+
+
+def dit_regions_graph(family: str) -> dict:
+    """regions_graph for Flux.1 / SD3-3.5 all-in-one checkpoints, wired like ComfyUI's own templates
+    (flux_dev_checkpoint_example, sd3.5_simple_example): 16-channel EmptySD3LatentImage; the patch
+    takes every joint block (blocks 'all', self_attention_until 0).
+    Flux (guidance-distilled): palette background -> FluxGuidance 3.5 -> positive, cfg 1, an empty
+    CLIPTextEncode as the (never evaluated) negative, euler / simple, 20 steps.
+    SD3: real cfg 4.5 with a negative, euler / sgm_uniform, 28 steps; no ModelSamplingSD3 (the
+    template has none: the checkpoint's own sampling shift applies)."""
+    if family == "flux":
+        g = regions_graph("euler", 20, 1.0, "simple", ckpt=DEMO_CKPT_FLUX, size=DIT_SIZE)
+        g["12"] = ("CLIPTextEncode", {"clip": ["1", 1], "text": ""}, (850, 600))
+        g["16"] = ("FluxGuidance", {"conditioning": ["8", 1], "guidance": 3.5}, (1200, 600))
+        g["13"][1]["positive"] = ["16", 0]
+        prefix = "rcca_palette_flux"
+    elif family == "sd3":
+        g = regions_graph("euler", 28, 4.5, "sgm_uniform", ckpt=DEMO_CKPT_SD3, size=DIT_SIZE)
+        prefix = "rcca_palette_sd3"
+    else:
+        raise ValueError(family)
+    g["9"] = ("EmptySD3LatentImage", {"width": DIT_SIZE, "height": DIT_SIZE, "batch_size": 1}, (850, 420))
+    g["11"][1].update(blocks="all", self_attention_until=0.0, region_text="own region")
+    g["15"][1]["filename_prefix"] = prefix
+    return g
 
 
 def stream_graph() -> dict:
@@ -165,6 +194,9 @@ WORKFLOWS = {
     # RCD: faithful multi-subject prompts, alone and with the RCCA palette
     "rcd_refine_optimize": rcd_graph(),
     "rcd_rcca_regions": rcd_regions_graph(),
+    # Flux.1 (dev) and SD3 / SD3.5 all-in-one checkpoints: same regions, each family's usual sampling
+    "rcca_regions_flux": dit_regions_graph("flux"),
+    "rcca_regions_sd3": dit_regions_graph("sd3"),
 }
 
 
