@@ -185,23 +185,41 @@ def load_checkpoint_with_vae(host: Host, name: str) -> tuple[Any, Any, Any]:
 
 # -- palettes -------------------------------------------------------------------------------
 
-def stripe_masks(regions: int, width: int, height: int) -> list[torch.Tensor]:
-    """`regions` vertical stripes of (nearly) equal width covering the canvas, each (1, H, W)."""
+def stripe_masks(regions: int, width: int, height: int, feather: int = 0) -> list[torch.Tensor]:
+    """`regions` vertical stripes of (nearly) equal width covering the canvas, each (1, H, W).
+
+    feather > 0: every inner edge becomes a linear ramp `feather` pixels wide, centred on the
+    edge, where the two neighbours' coverages sum to 1 (soft edges: image tokens there read two
+    prompts, which is what soft mode's mass normalisation is for). 0: sharp stripes.
+    """
     edges = [round(i * width / regions) for i in range(regions + 1)]
+    if feather > 0 and regions > 1 and feather >= min(b - a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"feather {feather} px must be narrower than the narrowest stripe")
+    x = torch.arange(width, dtype=torch.float32) + 0.5  # column centres
     masks = []
-    for a, b in zip(edges, edges[1:]):
-        m = torch.zeros(1, height, width)
-        m[..., a:b] = 1.0
+    for i, (a, b) in enumerate(zip(edges, edges[1:])):
+        if feather > 0:
+            rise = ((x - (a - feather / 2)) / feather).clamp(0, 1) if i > 0 else torch.ones(width)
+            fall = (((b + feather / 2) - x) / feather).clamp(0, 1) if i < regions - 1 else torch.ones(width)
+            m = (rise * fall).expand(1, height, width).clone()
+        else:
+            m = torch.zeros(1, height, width)
+            m[..., a:b] = 1.0
         masks.append(m)
     return masks
 
 
-def build_palette(host: Host, clip: Any, regions: int, width: int, height: int) -> tuple[Any, Any]:
+def region_prompt(i: int) -> str:
+    return REGION_PROMPTS[i % len(REGION_PROMPTS)] + (f", variant {i}" if i >= len(REGION_PROMPTS) else "")
+
+
+def build_palette(host: Host, clip: Any, regions: int, width: int, height: int,
+                  feather: int = 0) -> tuple[Any, Any]:
     """(palette, background conditioning) for `regions` striped regions, via the pack's nodes."""
     add = host.node("RCCAAddRegion")
     chain = None
-    for i, mask in enumerate(stripe_masks(regions, width, height)):
-        prompt = REGION_PROMPTS[i % len(REGION_PROMPTS)] + (f", variant {i}" if i >= len(REGION_PROMPTS) else "")
+    for i, mask in enumerate(stripe_masks(regions, width, height, feather)):
+        prompt = region_prompt(i)
         chain = add.execute(mask, prompt, 1.0, regions=chain).result[0]
     palette, background, _coverage = host.node("RCCARegionalPromptPalette").execute(
         clip, BACKGROUND_PROMPT, width, height, chain).result
@@ -213,6 +231,124 @@ def patch_model(host: Host, model: Any, palette: Any, mode: str = "soft") -> Any
     return host.node("RCCAAttentionPatch").execute(model, palette, mode, 0.0, 1.0, "all").result[0]
 
 
+# -- joint-attention models (SD3 / SD3.5, Flux.1) -------------------------------------------
+
+DIT_FAMILIES = ("flux", "sd3")
+# what the real text encoders give per prompt: Flux T5-XXL pads to 256 tokens (min_length) and its
+# pooled output is CLIP-L's; SD3 concatenates 77 CLIP-L/G tokens (padded to 4096) and 77 T5 tokens,
+# pooled = CLIP-L + CLIP-G projections. Tiny widths are random_checkpoints.TINY_FLUX / TINY_SD3's.
+DIT_TEXT = {  # (family, layout) -> (tokens per prompt, context width, pooled width)
+    ("flux", "full"): (256, 4096, 768), ("sd3", "full"): (154, 4096, 2048),
+    ("flux", "tiny"): (256, 64, 32), ("sd3", "tiny"): (154, 96, 80),
+}
+
+
+def prepare_dit_checkpoint(host: Host, family: str, dtype: torch.dtype = torch.float32) -> tuple[str, float]:
+    """Write the tiny Flux / SD3 all-in-one checkpoint into the temp dir and teach ComfyUI's
+    model detection about it (register_tiny_dit); returns (name, seconds spent writing)."""
+    import random_checkpoints as rc
+    rc.register_tiny_dit()
+    path = host.base / "checkpoints" / f"tiny_{family}.safetensors"
+    t = time.perf_counter()
+    rc.write_checkpoint(path, rc.DIT_PRESETS[f"tiny_{family}"], seed=0, dtype=dtype)
+    return path.name, time.perf_counter() - t
+
+
+def build_dit_patcher(host: Host, family: str, layout: str = "full", dtype: torch.dtype = torch.bfloat16,
+                      seed: int = 0) -> Any:
+    """A ModelPatcher of the Flux.1-dev / SD3.5-medium diffusion model (layout "full") or the tiny
+    one, built in this process straight on the device with random weights: no checkpoint file, no
+    text encoders, no VAE, and never a CPU copy of the weights (12B bf16 params are ~24 GB).
+
+    The model config is ComfyUI's own class for the family (what its detection would pick for these
+    keys: supported_models.Flux / SD3, or register_tiny_dit's subclasses for tiny widths), so the
+    model_base, model_sampling and the pack's family check are those of a loaded checkpoint.
+    Weights: fan-in-scaled normals, zero biases, unit norm weights (random_checkpoints._init_'s
+    rule), drawn on the device from a seeded generator.
+    """
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    import random_checkpoints as rc
+    unet_config = rc.flux_unet_config(layout) if family == "flux" else rc.sd3_unet_config(layout)
+    if layout == "tiny":
+        rc.register_tiny_dit()
+    config_cls = next(m for m in sm.models if m.matches(unet_config)) if layout == "tiny" else \
+        {"flux": sm.Flux, "sd3": sm.SD3}[family]
+    model_config = config_cls(unet_config)
+    model_config.set_inference_dtype(dtype, None)
+    device = mm.get_torch_device()
+    model = model_config.get_model({}, "", device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.diffusion_model.state_dict(keep_vars=True).items():
+            if not t.is_floating_point():
+                continue
+            if t.dim() >= 2:
+                t.normal_(0.0, 1.0 / math.sqrt(t[0].numel()), generator=gen)
+            elif name.endswith("bias"):
+                t.zero_()
+            else:
+                t.fill_(1.0)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
+
+
+def pack_module(host: Host, name: str) -> ModuleType:
+    """A module of this pack as ComfyUI loaded it (e.g. "rcca_core.palette"): the package name is the
+    checkout's folder name, so it is read off a loaded node class."""
+    import importlib
+    root = host.node("RCCAAttentionPatch").__module__.split(".")[0]
+    return importlib.import_module(f"{root}.{name}")
+
+
+def fake_encoder(tokens: int, dim: int, seed: int = 0, scale: float = 1.0) -> Callable[[str], torch.Tensor]:
+    """text -> (1, tokens, dim) float32 random embeddings, the same for the same text (seeded by a
+    hash of it): a stand-in for a text encoder the benchmark does not load."""
+    import zlib
+
+    def encode(text: str) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(text.encode()))
+        return torch.randn(1, tokens, dim, generator=gen) * scale
+    return encode
+
+
+def joint_palette(host: Host, family: str, regions: int, width: int, height: int, tokens: int, dim: int,
+                  feather: int = 0, seed: int = 0) -> Any:
+    """A palette of `regions` stripes built with rcca_core.palette.Palette.build and a fake encoder
+    (random token embeddings of the family's shapes), marked as encoded by `family`'s encoders."""
+    palette_mod = pack_module(host, "rcca_core.palette")
+    specs = [palette_mod.RegionSpec(region_prompt(i), m[0]) for i, m in
+             enumerate(stripe_masks(regions, width, height, feather))]
+    return palette_mod.Palette.build(specs, BACKGROUND_PROMPT, width, height, fake_encoder(tokens, dim, seed),
+                                     encoder=family)
+
+
+def dit_conditioning(context: torch.Tensor, pooled: torch.Tensor, guidance: float | None = None) -> list:
+    """ComfyUI conditioning [[context, {pooled_output, guidance}]]: what CLIPTextEncode (+ FluxGuidance
+    when guidance is given) would put out."""
+    extra: dict[str, Any] = {"pooled_output": pooled}
+    if guidance is not None:
+        extra["guidance"] = guidance
+    return [[context, extra]]
+
+
+def set_guidance(conditioning: list, guidance: float) -> list:
+    """FluxGuidance's effect (comfy_extras is not loaded here): every entry gets "guidance"."""
+    import node_helpers
+    return node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})
+
+
+def free_models(host: Host) -> None:
+    """Unload every model ComfyUI holds and return the cached device memory."""
+    import gc
+    import comfy.model_management as mm
+    mm.unload_all_models()
+    gc.collect()
+    mm.soft_empty_cache()
+    if host.device == "cuda":
+        torch.cuda.empty_cache()
+
+
 # -- timing ---------------------------------------------------------------------------------
 
 @dataclass
@@ -221,6 +357,7 @@ class RunTiming:
     run_s: float          # the whole KSampler call, setup and model (re)load included
     steps: int
     samples: torch.Tensor
+    peak_bytes: int | None = None  # torch.cuda.max_memory_allocated() over the run (StepTimer track_memory)
 
 
 class CallbackClock:
@@ -270,7 +407,11 @@ class CallbackClock:
 
 class StepTimer(CallbackClock):
     """Times nodes.KSampler().sample() per step (see CallbackClock); also reports the whole run
-    (as run_ms / steps)."""
+    (as run_ms / steps). track_memory (CUDA only): also the peak allocated memory of every run."""
+
+    def __init__(self, host: Host, track_memory: bool = False) -> None:
+        super().__init__(host)
+        self.track_memory = track_memory and host.device == "cuda"
 
     def __enter__(self) -> "StepTimer":
         super().__enter__()
@@ -281,6 +422,8 @@ class StepTimer(CallbackClock):
         """One KSampler run; euler makes exactly one model call per step."""
         self._stamps.clear()
         self.host.sync()
+        if self.track_memory:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         out = self.host.nodes.KSampler().sample(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent)[0]
         self.host.sync()
@@ -288,20 +431,24 @@ class StepTimer(CallbackClock):
         if len(self._stamps) != steps:
             raise RuntimeError(f"expected {steps} step callbacks, got {len(self._stamps)}")
         step_s = [b - a for a, b in zip(self._stamps, self._stamps[1:])]
-        return RunTiming(step_s, run_s, steps, out["samples"])
+        peak = torch.cuda.max_memory_allocated() if self.track_memory else None
+        return RunTiming(step_s, run_s, steps, out["samples"], peak)
 
 
 def summarize(runs: list[RunTiming]) -> dict[str, float]:
     """Median per-step ms over every interval of every run, its quartiles, and whole-run ms/step."""
     steps = sorted(s for r in runs for s in r.step_s)
     q = statistics.quantiles(steps, n=4) if len(steps) >= 2 else [steps[0]] * 3
-    return {
+    out = {
         "step_ms": round(1e3 * statistics.median(steps), 3),
         "step_ms_p25": round(1e3 * q[0], 3),
         "step_ms_p75": round(1e3 * q[2], 3),
         "run_ms_per_step": round(1e3 * statistics.median(r.run_s / r.steps for r in runs), 3),
         "intervals": len(steps),
     }
+    if runs and all(r.peak_bytes is not None for r in runs):  # StepTimer(track_memory=True) on CUDA
+        out["peak_cuda_mib"] = round(max(r.peak_bytes for r in runs) / 2**20, 1)
+    return out
 
 
 def compare_interleaved(timer: StepTimer, variants: dict[str, Any], positive: Any, negative: Any,
