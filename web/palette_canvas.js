@@ -1,4 +1,5 @@
-// rcca-palette: the drawing canvas widget of the Regional Prompt Palette node, and its live mode.
+// rcca-palette: the drawing canvas widget of the Regional Prompt Palette node: drawing, masks and
+// encoding the state. The region list lives in palette_regions.js, live mode in palette_live.js.
 //
 // The node's `regions_state` STRING widget is the single source of truth that ComfyUI saves and
 // queues (see README, "Drawing-widget state format"). This widget edits it: one offscreen canvas
@@ -8,7 +9,9 @@
 // This module only exports; rcca_palette.js registers it on the node type. (The frontend imports
 // every .js file of the pack as an extension, so this file must have no side effects.)
 import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+import { copyCanvas, el, makeCanvas } from "./palette_dom.js";
+import { LiveClient } from "./palette_live.js";
+import { renderRegionList } from "./palette_regions.js";
 
 export const STATE_VERSION = 1;
 export const MAX_REGIONS = 16; // rcca_core.palette.MAX_REGIONS
@@ -20,126 +23,11 @@ export const DEFAULT_COLORS = [
 const PNG_DATA_URL = "data:image/png;base64,";
 const HEX = /^#[0-9a-fA-F]{6}$/;
 const UNDO_DEPTH = 40; // each entry holds one full-size canvas copy
-const LIVE_EDIT_INTERVAL_MS = 100; // at most ~10 edits per second while a stroke is in progress
 const TEXT_COMMIT_DELAY_MS = 300; // typing re-encodes the state once the user pauses
 const RESIZE_DELAY_MS = 250; // dragging the width/height arrows fires a callback per step
 const TINT_ALPHA = 0.6; // region colours over the background image (tracing stays visible)
 const MIN_WIDGET_HEIGHT = 420;
 const BACKGROUND_MAX_HEIGHT = 96;
-
-// ---- live sessions (shared by every palette node) -------------------------------------------
-// A session belongs to a palette node *id*, not to a node object: ComfyUI rebuilds node objects
-// on undo, paste and workflow reload, and the rebuilt node must keep showing the same stream.
-const liveByNode = new Map(); // palette node id (string) -> live record
-const nodeOfSession = new Map(); // session id -> palette node id
-const earlyFrames = new Map(); // session id -> frame detail that arrived before "executed"
-
-function liveRecord(nodeId) {
-  const key = String(nodeId);
-  let rec = liveByNode.get(key);
-  if (!rec) {
-    rec = { session: null, state: "off", reason: "", cancelStart: false, fps: 0, frames: 0, lastFrame: null, frameImage: null,
-            lastEditSeq: null, photoSeq: 0, error: "", width: 0, height: 0 };
-    liveByNode.set(key, rec);
-  }
-  return rec;
-}
-
-function canvasOfNode(nodeId) {
-  const node = app.graph?.nodes?.find((n) => String(n.id) === String(nodeId));
-  return node?.rccaCanvas ?? null;
-}
-
-/** Route the pack's websocket events to the palette widgets. Called once, from the extension's setup(). */
-export function installLiveRouting() {
-  api.addEventListener("executed", (event) => {
-    const infos = event.detail?.output?.rcca_live;
-    if (!Array.isArray(infos)) return;
-    for (const info of infos) {
-      if (!info?.session || info.palette_node == null) continue;
-      const rec = liveRecord(info.palette_node);
-      if (rec.cancelStart) { // Live was switched off while the graph was still queued
-        rec.cancelStart = false;
-        api.fetchApi(`/rcca/live/${info.session}/stop`, { method: "POST" }).catch(() => {});
-        continue;
-      }
-      // queueing again (Run, or Live) replaces the session; the old one's late events are ignored
-      if (rec.session && rec.session !== info.session) nodeOfSession.delete(rec.session);
-      Object.assign(rec, { session: info.session, state: "running", reason: "", error: "", width: info.width,
-                           height: info.height, lastEditSeq: null, photoSeq: 0, frames: 0 });
-      nodeOfSession.set(info.session, String(info.palette_node));
-      // the node renders its first frame before it reports the session, so that frame came first
-      const early = earlyFrames.get(info.session);
-      earlyFrames.delete(info.session);
-      if (early) applyFrame(rec, early);
-      const canvas = canvasOfNode(info.palette_node);
-      if (canvas?.usePhoto && canvas.background) canvas.sendPhoto(); // the trace image, as the photo to draw over
-      canvas?.renderLive();
-    }
-  });
-  api.addEventListener("rcca.live.frame", (event) => {
-    const d = event.detail;
-    if (!d?.session) return;
-    const nodeId = nodeOfSession.get(d.session);
-    if (nodeId == null) {
-      earlyFrames.set(d.session, d);
-      if (earlyFrames.size > 8) earlyFrames.delete(earlyFrames.keys().next().value);
-      return;
-    }
-    applyFrame(liveRecord(nodeId), d);
-    canvasOfNode(nodeId)?.renderLive();
-  });
-  api.addEventListener("rcca.live.status", (event) => {
-    const d = event.detail;
-    const nodeId = d?.session ? nodeOfSession.get(d.session) : null;
-    if (nodeId == null) return;
-    const rec = liveRecord(nodeId);
-    if (rec.session !== d.session) return;
-    rec.state = d.state ?? rec.state;
-    rec.reason = d.reason ?? "";
-    if (typeof d.fps === "number") rec.fps = d.fps;
-    if (typeof d.frames === "number") rec.frames = d.frames;
-    if (rec.state === "stopped") {
-      nodeOfSession.delete(d.session);
-      rec.session = null;
-    }
-    canvasOfNode(nodeId)?.renderLive();
-  });
-  // the server ends a session whose browser disconnected; after a reconnect, ask which survived
-  api.addEventListener("reconnected", () => {
-    for (const [nodeId, rec] of liveByNode) {
-      const session = rec.session;
-      if (!session) continue;
-      api.fetchApi(`/rcca/live/${session}`).then((res) => {
-        if (res.status !== 404 || rec.session !== session) return;
-        nodeOfSession.delete(session);
-        Object.assign(rec, { session: null, state: "stopped", reason: "the connection to the server was lost" });
-        canvasOfNode(nodeId)?.renderLive();
-      }).catch(() => {});
-    }
-  });
-  // a Live start that fails in the queue never reports a session: say why on the waiting widgets
-  for (const type of ["execution_error", "execution_interrupted"]) {
-    api.addEventListener(type, (event) => {
-      for (const [nodeId, rec] of liveByNode) {
-        if (rec.state !== "starting") continue;
-        const d = event.detail ?? {};
-        rec.state = "off";
-        rec.error = type === "execution_error"
-          ? `live did not start: ${d.node_type ?? "a node"} failed: ${d.exception_message ?? "see the queue"}`
-          : "live did not start: the prompt was interrupted";
-        canvasOfNode(nodeId)?.renderLive();
-      }
-    });
-  }
-}
-
-function applyFrame(rec, d) {
-  rec.lastFrame = { frame: d.frame, seq: d.seq, photoSeq: d.photo_seq ?? 0, fps: d.fps };
-  rec.frameImage = d.image;
-  rec.frames += 1;
-  if (typeof d.fps === "number") rec.fps = d.fps;
-}
 
 // ---- PNG masks --------------------------------------------------------------------------------
 function dataUrlBytes(url) {
@@ -197,31 +85,6 @@ async function maskCanvasFromDataUrl(url, width, height) {
   return { canvas, dataUrl: url };
 }
 
-function makeCanvas(width, height) {
-  const c = document.createElement("canvas");
-  c.width = width;
-  c.height = height;
-  return c;
-}
-
-function copyCanvas(src) {
-  const c = makeCanvas(src.width, src.height);
-  c.getContext("2d").drawImage(src, 0, 0);
-  return c;
-}
-
-function el(tag, attrs = {}, children = []) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") e.className = v;
-    else if (k === "text") e.textContent = v;
-    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
-    else e.setAttribute(k, v);
-  }
-  for (const c of children) e.append(c);
-  return e;
-}
-
 // ---- styles -------------------------------------------------------------------------------------
 const STYLE = `
 .rcca-pal { display:flex; flex-direction:column; gap:4px; box-sizing:border-box; font:12px sans-serif;
@@ -251,6 +114,13 @@ const STYLE = `
 .rcca-pal .rcca-footer { display:flex; align-items:center; gap:6px; flex:none; }
 .rcca-pal .rcca-status { flex:1; min-width:0; min-height:16px; white-space:nowrap; overflow:hidden; text-overflow:ellipsis; }
 .rcca-pal .rcca-status .rcca-error { color:#ff7b72; }
+/* Nodes 2.0 (Vue) view, frontends that lay the widgets out as a flex column (1.3x): there every
+   expanding widget shares the free height and getMinHeight/getMaxHeight are not read. The drawing
+   takes the free height; the other rows, the background prompt's box among them, keep their own. */
+.lg-node-widgets:has(.rcca-pal) > .lg-node-widget:not(:has(.rcca-pal)) { flex:none !important; }
+.lg-node-widgets:has(.rcca-pal) > .lg-node-widget:has(.rcca-pal) { flex:1 1 auto !important; min-height:${MIN_WIDGET_HEIGHT}px; }
+/* in either Vue layout the widget's box is sized by its row; the classic view sizes the element itself */
+.lg-node-widgets .rcca-pal { height:100%; }
 `;
 
 function ensureStyle() {
@@ -270,6 +140,8 @@ export class PaletteCanvas {
       // hidden from view, still serialized: widgets_values and the API prompt carry it. The node's
       // layout sizes hidden widgets too; a -4 height cancels the 4 px gap it adds after each one.
       this.valueWidget.hidden = true;
+      // the Nodes 2.0 view of 1.3x frontends reads only the option (1.4x and later read both)
+      if (this.valueWidget.options) this.valueWidget.options.hidden = true;
       this.valueWidget.computeSize = () => [0, -4];
     }
     // the node shares its free height equally among its DOM widgets: cap the background prompt's
@@ -286,8 +158,7 @@ export class PaletteCanvas {
     this.background = null; // ImageBitmap, display only: never saved (live may send it as the photo)
     this.usePhoto = false; // live: the frames start from the trace image (image-to-image)
     this.stroke = null;
-    // baseSession/baseSeq: the last edit the session accepted from this widget (deltas refer to it)
-    this.liveSend = { inflight: false, again: false, lastAt: 0, baseSession: null, baseSeq: null };
+    this.liveClient = new LiveClient(this);
     this.textTimer = null;
     this.resizeTimer = null;
     this.error = "";
@@ -369,6 +240,8 @@ export class PaletteCanvas {
       this.setTool({ size: Math.max(1, Math.min(256, this.tool.size * (e.deltaY < 0 ? 1.15 : 1 / 1.15))) });
     }, { passive: false });
     new ResizeObserver(() => this.fitCanvas()).observe(this.canvasBox);
+    // the Vue view mounts the element into its own node DOM, which resizes it
+    new ResizeObserver(() => this.fitNodes2Grid()).observe(this.root);
     this.syncToolbar();
   }
 
@@ -381,6 +254,27 @@ export class PaletteCanvas {
     for (const c of [this.display, this.overlay]) {
       c.style.width = `${w}px`;
       c.style.height = `${h}px`;
+    }
+  }
+
+  /** Nodes 2.0 (Vue) view, frontends that lay the widgets out as a grid (1.4x and later): each
+   * expanding widget's row is "auto" and shares the free height, so the background prompt's box grows
+   * and the drawing shrinks, and getMinHeight/getMaxHeight are not read. Give the drawing's row the
+   * free height (at least MIN_WIDGET_HEIGHT) and every other row its content's; the frontend rewrites
+   * the rows when the node's widgets change, so watch for that. No-op in the classic view. */
+  fitNodes2Grid() {
+    const grid = this.root.closest(".lg-node-widgets");
+    if (!grid || getComputedStyle(grid).display !== "grid") return;
+    const rows = [...grid.querySelectorAll(":scope > * > [data-widget-name]")];
+    if (!rows.some((r) => r.contains(this.root))) return;
+    const tracks = rows.map((r) => (r.contains(this.root) ? `minmax(${MIN_WIDGET_HEIGHT}px, 1fr)` : "min-content")).join(" ");
+    const style = grid.style;
+    if (style.getPropertyValue("grid-template-rows") !== tracks || style.getPropertyPriority("grid-template-rows") !== "important") {
+      style.setProperty("grid-template-rows", tracks, "important");
+    }
+    if (this.watchedGrid !== grid) {
+      this.watchedGrid = grid;
+      new MutationObserver(() => this.fitNodes2Grid()).observe(grid, { attributes: true, attributeFilter: ["style"], childList: true, subtree: false });
     }
   }
 
@@ -400,35 +294,7 @@ export class PaletteCanvas {
   }
 
   renderRegionList() {
-    this.regionList.replaceChildren(...this.regions.map((r, i) => {
-      const row = el("div", { class: "rcca-region" + (i === this.active ? " rcca-active" : ""), "data-index": String(i) });
-      const color = el("input", { type: "color", value: r.color, class: "rcca-region-color", title: "Region colour" });
-      color.addEventListener("input", () => { r.color = color.value; this.retint(r); this.scheduleRender(); });
-      color.addEventListener("change", () => this.commit());
-      const text = (cls, key, placeholder) => {
-        const input = el("input", { type: "text", class: cls, placeholder, title: placeholder });
-        input.value = r[key];
-        input.addEventListener("input", () => { r[key] = input.value; this.commitSoon(); });
-        input.addEventListener("change", () => this.commit());
-        return input;
-      };
-      const strength = el("input", { type: "number", min: "0", max: "1", step: "0.05", class: "rcca-region-opacity",
-                                     title: "Region strength: coverage = strength x painted mask" });
-      strength.value = String(r.opacity);
-      strength.addEventListener("change", () => {
-        const v = Number(strength.value);
-        r.opacity = Number.isFinite(v) ? Math.min(1, Math.max(0, v)) : 1;
-        strength.value = String(r.opacity);
-        this.commit();
-      });
-      const remove = el("button", { text: "×", class: "rcca-region-remove", title: "Remove this region (undo brings it back)" });
-      remove.addEventListener("click", (e) => { e.stopPropagation(); this.removeRegion(i); });
-      row.append(color, text("rcca-region-name", "name", "name"), text("rcca-region-prompt", "prompt", "prompt"),
-                 text("rcca-region-negative", "negative", "negative (optional)"), strength, remove);
-      row.addEventListener("pointerdown", () => { if (this.active !== i) this.selectRegion(i); });
-      return row;
-    }));
-    this.syncToolbar();
+    renderRegionList(this);
   }
 
   // ---- regions ----------------------------------------------------------------------------------
@@ -560,7 +426,7 @@ export class PaletteCanvas {
     this.growStrokeBox(p[0], p[1]);
     this.stroke.last = p;
     this.applyStroke();
-    this.sendLive(false);
+    this.liveClient.sendEdit(false);
   }
 
   onPointerUp(e) {
@@ -745,32 +611,6 @@ export class PaletteCanvas {
     this.sendPhoto();
   }
 
-  /** Live: send the trace image (drawn at the canvas size, as it is shown) as the photo the frames
-   * start from, or null to draw without one (README, "Live drawing"). */
-  sendPhoto() {
-    const rec = this.live;
-    const session = rec.session;
-    if (!session) return;
-    let image = null;
-    if (this.usePhoto && this.background) {
-      const c = document.createElement("canvas");
-      c.width = this.width;
-      c.height = this.height;
-      c.getContext("2d").drawImage(this.background, 0, 0, this.width, this.height);
-      image = c.toDataURL("image/png");
-    }
-    api.fetchApi(`/rcca/live/${session}/photo`, { method: "POST", headers: { "Content-Type": "application/json" },
-                                                  body: JSON.stringify({ image }) })
-      .then(async (res) => {
-        const reply = await res.json().catch(() => ({}));
-        if (session !== rec.session) return;
-        if (res.ok) rec.photoSeq = reply.photo_seq;
-        else rec.error = `photo refused: ${reply.error ?? `HTTP ${res.status}`}`;
-        this.renderLive();
-      })
-      .catch((e) => { rec.error = `photo: ${e.message}`; this.renderLive(); });
-  }
-
   setError(message) {
     this.error = message;
     this.renderStatus();
@@ -808,10 +648,13 @@ export class PaletteCanvas {
       this.node.setDirtyCanvas?.(true, true);
       // ComfyUI tracks unsaved changes and graph undo by comparing snapshots after input events;
       // a stroke ends in a pointerup it does see, typing may not: ask for a check ourselves
-      app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
+      // (captureCanvasState in newer frontends, where checkState is deprecated)
+      const tracker = app.extensionManager?.workflow?.activeWorkflow?.changeTracker;
+      if (tracker?.captureCanvasState) tracker.captureCanvasState();
+      else tracker?.checkState?.();
     }
     this.renderStatus();
-    this.sendLive(true);
+    this.liveClient.sendEdit(true);
   }
 
   commitSoon() {
@@ -913,157 +756,7 @@ export class PaletteCanvas {
     if (commit) this.commit();
   }
 
-  // ---- live mode ------------------------------------------------------------------------------
-  get live() { return liveRecord(this.node.id); }
-  get session() { return this.live.session; }
-  get liveState() { return this.live.state; }
-  get lastFrame() { return this.live.lastFrame; }
-  get lastEditSeq() { return this.live.lastEditSeq; }
-
-  toggleLive() {
-    const rec = this.live;
-    if (rec.session || rec.state === "starting") this.stopLive();
-    else this.startLive();
-  }
-
-  /** Queue the graph; its Live Stream node reports the session through "executed". */
-  async startLive() {
-    const rec = this.live;
-    rec.error = "";
-    rec.cancelStart = false;
-    const hasStream = app.graph?.nodes?.some((n) => (n.comfyClass ?? n.type) === "RCCALiveStream" && n.mode === 0);
-    if (!hasStream) {
-      rec.error = "live needs a Live Stream node (rcca_palette) fed by this palette's outputs";
-      this.renderLive();
-      return false;
-    }
-    if (this.stroke == null) this.commit();
-    rec.state = "starting";
-    rec.frames = 0;
-    this.renderLive();
-    // app.queuePrompt reports neither the server's verdict nor its message (it opens a dialog), so
-    // watch the api call it makes; if another queueing is in progress ours runs later, unwatched,
-    // and a failure then shows only through the execution events
-    const original = api.queuePrompt;
-    let outcome = null;
-    api.queuePrompt = async function (...args) {
-      try {
-        const res = await original.apply(this, args);
-        outcome = { res };
-        return res;
-      } catch (error) {
-        outcome = { error };
-        throw error;
-      }
-    };
-    try {
-      await app.queuePrompt(0, 1);
-    } finally {
-      api.queuePrompt = original;
-    }
-    // refused outright (400), or accepted without the Live Stream branch (the server runs the valid
-    // outputs of a prompt and lists the invalid ones in node_errors)
-    const reply = outcome?.error ? outcome.error.response : outcome?.res;
-    const nodeErrors = Object.values(reply?.node_errors ?? {});
-    const streamRefused = nodeErrors.some((e) => e.class_type === "RCCALiveStream");
-    if ((outcome?.error || streamRefused) && rec.state === "starting") {
-      const details = nodeErrors.flatMap((e) => (e.errors ?? []).map((x) => `${e.class_type}: ${x.details || x.message}`));
-      const message = !outcome.error ? null
-        : typeof reply?.error === "string" ? reply.error : reply?.error?.message ?? outcome.error.message;
-      rec.state = "off";
-      rec.error = `live did not start: ${[message, ...details].filter(Boolean).join("; ")}`;
-      this.renderLive();
-      return false;
-    }
-    return true;
-  }
-
-  async stopLive() {
-    const rec = this.live;
-    const session = rec.session;
-    if (rec.state === "starting") rec.cancelStart = true;
-    rec.state = "off";
-    rec.session = null;
-    if (session) {
-      nodeOfSession.delete(session);
-      try {
-        const res = await api.fetchApi(`/rcca/live/${session}/stop`, { method: "POST" });
-        if (!res.ok && res.status !== 404) rec.error = `stop: ${(await res.json().catch(() => ({}))).error ?? `HTTP ${res.status}`}`;
-      } catch (e) {
-        rec.error = `stop: ${e.message}`;
-      }
-      rec.state = "stopped";
-      rec.reason = "stopped by the user";
-    }
-    this.renderLive();
-  }
-
-  /** POST the state to the live session: always at a stroke's end (force), at most every
-   * LIVE_EDIT_INTERVAL_MS during it; never two requests at once, and the newest state always goes last.
-   * The first edit of a session carries the whole state; later ones are deltas against the last
-   * accepted edit (README, "Live drawing"): unchanged masks as references, a stroke as the PNG of its
-   * bounding box. Any refusal or failure makes the next edit whole again. */
-  sendLive(force) {
-    const rec = this.live, send = this.liveSend;
-    if (!rec.session) return;
-    const now = performance.now();
-    if (send.inflight) {
-      send.again ||= force;
-      return;
-    }
-    if (!force && now - send.lastAt < LIVE_EDIT_INTERVAL_MS) return;
-    send.inflight = true;
-    send.lastAt = now;
-    const session = rec.session;
-    const baseSeq = send.baseSession === session ? send.baseSeq : null;
-    const sent = this.regions.slice();
-    const body = baseSeq == null ? JSON.stringify({ regions_state: JSON.stringify(this.state()) })
-      : this.deltaEditBody(session, baseSeq);
-    for (const r of sent) r.dirty = null; // from now on, changes count against this edit
-    api.fetchApi(`/rcca/live/${session}/edit`, { method: "POST", headers: { "Content-Type": "application/json" }, body })
-      .then(async (res) => {
-        const reply = await res.json().catch(() => ({}));
-        if (session !== rec.session) return;
-        if (res.ok) {
-          rec.lastEditSeq = reply.seq;
-          rec.error = "";
-          Object.assign(send, { baseSession: session, baseSeq: reply.seq });
-          sent.forEach((r, index) => { r.base = { session, seq: reply.seq, index }; });
-          return;
-        }
-        send.baseSeq = null;
-        if (res.status === 409 && reply.full_state_needed) {
-          send.again = true; // the server lost track of our base (another edit came in): resend it whole
-          return;
-        }
-        rec.error = `edit refused: ${reply.error ?? `HTTP ${res.status}`}`;
-        if (res.status === 404) Object.assign(rec, { session: null, state: "stopped", reason: "" });
-      })
-      .catch((e) => {
-        send.baseSeq = null;
-        rec.error = `edit failed: ${e.message}`;
-      })
-      .finally(() => {
-        send.inflight = false;
-        this.renderLive();
-        if (send.again) {
-          send.again = false;
-          this.sendLive(true);
-        }
-      });
-  }
-
-  deltaEditBody(session, baseSeq) {
-    const state = this.state((r) => {
-      // a region removed, then brought back by undo, may hold the place it had in an older edit
-      if (r.base?.session !== session || r.base.seq !== baseSeq || r.dirty === "all") return null;
-      const patch = r.dirty && this.maskPatch(r, r.dirty);
-      return patch ? { base: r.base.index, patch } : { base: r.base.index };
-    });
-    return JSON.stringify({ base_seq: baseSeq, regions_state: JSON.stringify(state) });
-  }
-
-  /** The part of a region's mask inside `box` (clipped to the canvas), as the server's patch. */
+  /** The part of a region's mask inside `box` (clipped to the canvas), as a live delta's patch. */
   maskPatch(r, box) {
     const x0 = Math.max(0, Math.floor(box.x0)), y0 = Math.max(0, Math.floor(box.y0));
     const x1 = Math.min(this.width, Math.ceil(box.x1)), y1 = Math.min(this.height, Math.ceil(box.y1));
@@ -1071,6 +764,30 @@ export class PaletteCanvas {
     const c = makeCanvas(x1 - x0, y1 - y0);
     c.getContext("2d").drawImage(r.canvas, x0, y0, x1 - x0, y1 - y0, 0, 0, x1 - x0, y1 - y0);
     return { x: x0, y: y0, png: c.toDataURL("image/png") };
+  }
+
+  // ---- live mode (palette_live.js) ---------------------------------------------------------
+  get live() { return this.liveClient.record; }
+  get liveSend() { return this.liveClient.send; }
+  get session() { return this.live.session; }
+  get liveState() { return this.live.state; }
+  get lastFrame() { return this.live.lastFrame; }
+  get lastEditSeq() { return this.live.lastEditSeq; }
+
+  toggleLive() { this.liveClient.toggle(); }
+  startLive() { return this.liveClient.start(); }
+  stopLive() { return this.liveClient.stop(); }
+
+  /** Live: send the trace image (drawn at the canvas size, as it is shown) as the photo the frames
+   * start from, or null to draw without one (README, "Live drawing"). */
+  sendPhoto() {
+    let image = null;
+    if (this.usePhoto && this.background) {
+      const c = makeCanvas(this.width, this.height);
+      c.getContext("2d").drawImage(this.background, 0, 0, this.width, this.height);
+      image = c.toDataURL("image/png");
+    }
+    this.liveClient.sendPhoto(image);
   }
 
   renderLive() {

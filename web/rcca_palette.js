@@ -3,7 +3,8 @@
 // graph reads at a glance; puts the drawing canvas (palette_canvas.js) on the Regional Prompt
 // Palette node and routes live-mode websocket events to it.
 import { app } from "../../scripts/app.js";
-import { PaletteCanvas, installLiveRouting } from "./palette_canvas.js";
+import { PaletteCanvas } from "./palette_canvas.js";
+import { installLiveRouting } from "./palette_live.js";
 
 const PACK_COLOR = "#2f3d45";
 const PACK_BGCOLOR = "#3b4d57";
