@@ -59,13 +59,16 @@ class ComfyServer:
                  comfyui_dir: str | os.PathLike | None = None,
                  python: str | os.PathLike | None = None,
                  extra_args: Iterable[str] = (),
-                 startup_timeout: float = 180.0) -> None:
+                 startup_timeout: float = 180.0,
+                 front_end_root: str | os.PathLike | None = None) -> None:
         self.comfyui_dir = Path(comfyui_dir or DEFAULT_COMFYUI).resolve()
         self.python = str(python or DEFAULT_PYTHON)
         self.checkpoints_dir = Path(checkpoints_dir).resolve() if checkpoints_dir else None
         self.custom_nodes_dirs = [Path(d).resolve() for d in custom_nodes_dirs]
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
+        # another frontend's static folder (e.g. a newer comfyui-frontend-package); None: ComfyUI's own
+        self.front_end_root = Path(front_end_root).resolve() if front_end_root else None
         self._own_workdir = workdir is None
         self.workdir = Path(workdir).resolve() if workdir else None
         self.port = 0
@@ -115,6 +118,8 @@ class ComfyServer:
         paths = self._write_extra_paths()
         if paths:
             cmd += ["--extra-model-paths-config", str(paths)]
+        if self.front_end_root:
+            cmd += ["--front-end-root", str(self.front_end_root)]
         cmd += self.extra_args
         log = open(self.log_path, "ab")
         try:

@@ -2,7 +2,12 @@
 # Install what the browser tests (tests/browser) need: Debian's Chromium and the Playwright Python
 # client in the host venv. Idempotent; run as root on Debian/Ubuntu (CI does, after setup_host.sh).
 #   usage: scripts/setup_browser.sh [HOST_DIR]      (default: .host/ in the pack)
-#   env:   PLAYWRIGHT_VERSION (default below)
+#   env:   PLAYWRIGHT_VERSION, NEWEST_FRONTEND (defaults below)
+#
+# Besides ComfyUI's pinned frontend, the browser tests run against NEWEST_FRONTEND, the newest
+# comfyui-frontend-package checked: installed without dependencies into HOST_DIR/frontends/<version>
+# (ComfyUI's own venv is untouched) and served with --front-end-root. This is the one place its
+# version is pinned; tests/browser finds every frontend installed there.
 #
 # Playwright drives the system browser through executable_path=/usr/bin/chromium, so its own
 # browser download (`playwright install`) is never run: the machine reaches package registries only.
@@ -11,6 +16,7 @@ PACK=$(cd "$(dirname "$0")/.." && pwd)
 T=${1:-$PACK/.host}
 V="$T/venv"
 PLAYWRIGHT_VERSION=${PLAYWRIGHT_VERSION:-1.65.2}
+NEWEST_FRONTEND=${NEWEST_FRONTEND:-1.58.1}
 log() { echo "[setup_browser $(date +%T)] $*"; }
 
 # --- 1. Chromium from Debian (skipped when already installed) ---
@@ -38,3 +44,12 @@ if ! "$V/bin/python" -c "import playwright.sync_api" 2>/dev/null; then
   "$V/bin/pip" install -q --disable-pip-version-check "playwright==$PLAYWRIGHT_VERSION"
 fi
 log "playwright $("$V/bin/python" -c 'from importlib.metadata import version; print(version("playwright"))') ready"
+
+# --- 3. the newest frontend package, beside the pinned one ---
+FE="$T/frontends/$NEWEST_FRONTEND"
+if [ ! -f "$FE/comfyui_frontend_package/static/index.html" ]; then
+  log "installing comfyui-frontend-package==$NEWEST_FRONTEND into $FE"
+  rm -rf "$FE"
+  "$V/bin/pip" install -q --disable-pip-version-check --no-deps --target "$FE" "comfyui-frontend-package==$NEWEST_FRONTEND"
+fi
+log "frontend $NEWEST_FRONTEND ready in $FE"
