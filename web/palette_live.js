@@ -98,6 +98,14 @@ function failStart(key, rec, message) {
 
 /** Route the pack's websocket events to the palette widgets. Called once, from the extension's setup(). */
 export function installLiveRouting() {
+  // a workflow's nodes are configured before its tab becomes the active one (loading, switching tabs):
+  // once it is, show each palette the live display of its own tab
+  const loadGraphData = app.loadGraphData;
+  app.loadGraphData = async function (...args) {
+    const result = await loadGraphData.apply(this, args);
+    for (const node of allNodes()) node.rccaCanvas?.renderLive();
+    return result;
+  };
   api.addEventListener("executed", (event) => {
     const infos = event.detail?.output?.rcca_live;
     if (!Array.isArray(infos)) return;

@@ -1,9 +1,19 @@
-"""Browser tests: Debian Chromium driven by Playwright (sync API) against the real ComfyUI frontend
-(1.32.9) of a stock ComfyUI server with the tiny random SD1.5 checkpoint.
+"""Browser tests: Debian Chromium driven by Playwright (sync API) against real ComfyUI frontends
+served by a stock ComfyUI server with the tiny random SD1.5 checkpoint.
 
-Fixtures: `browser_server` (session: ComfyServer + tiny checkpoint), `browser` (session: Chromium),
-`page` (one fresh frontend tab per test, graph cleared, with `window.rccaTest` helpers), `decode`
-(regions_state -> rcca_core's decoded regions), `live_available`.
+Every test runs per frontend and per view:
+- frontends: "pinned" (the comfyui-frontend-package ComfyUI's requirements install, 1.32.9 for
+  ComfyUI 0.3.75) and every frontend scripts/setup_browser.sh installed under .host/frontends/<version>
+  (the newest checked, served with --front-end-root). RCCA_FRONTENDS=pinned,1.58.1 chooses: "pinned",
+  a version installed there, or the path of a frontend's static folder.
+- views: "classic" (the litegraph canvas) and "nodes2" (the Nodes 2.0 Vue view, setting
+  Comfy.VueNodes.Enabled). RCCA_VIEWS=classic,nodes2 chooses.
+In the nodes2 view only the tests marked `smoke` run (CI time); RCCA_BROWSER_ALL=1 runs every test in
+every view.
+
+Fixtures: `browser_server` (session, per frontend: ComfyServer + tiny checkpoint), `browser` (Chromium),
+`page` (one fresh frontend tab per test in its view, graph cleared, with `window.rccaTest` helpers),
+`view`, `decode` (regions_state -> rcca_core's decoded regions), `live_available`.
 
 The whole folder is skipped, with the reason, when Chromium or Playwright is missing;
 `bash scripts/setup_browser.sh` installs both (Playwright never downloads a browser here)."""
@@ -27,6 +37,61 @@ if str(PACK_DIR) not in sys.path:
 from comfy_server import DEFAULT_COMFYUI, ComfyServer  # noqa: E402
 
 COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR") or DEFAULT_COMFYUI).resolve()
+FRONTENDS_DIR = PACK_DIR / ".host" / "frontends"
+VIEWS = ("classic", "nodes2")
+VUE_SETTING = "Comfy.VueNodes.Enabled"
+
+
+def _pinned_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("comfyui-frontend-package")
+    except Exception:
+        return "unknown"
+
+
+def _frontends() -> list[tuple[str, Path | None]]:
+    """(label, static folder or None for ComfyUI's own) for each frontend to test."""
+    wanted = os.environ.get("RCCA_FRONTENDS")
+    names = ([n.strip() for n in wanted.split(",") if n.strip()] if wanted else
+             ["pinned"] + sorted((p.name for p in FRONTENDS_DIR.glob("*") if p.is_dir()),
+                                 key=lambda v: [int(x) if x.isdigit() else x for x in v.split(".")]))
+    out = []
+    for name in names:
+        if name == "pinned":
+            out.append((_pinned_version(), None))
+        elif (FRONTENDS_DIR / name / "comfyui_frontend_package" / "static").is_dir():
+            out.append((name, FRONTENDS_DIR / name / "comfyui_frontend_package" / "static"))
+        else:  # a path: the frontend's static folder (index.html inside)
+            out.append((Path(name).resolve().parent.name if Path(name).name == "static" else Path(name).name, Path(name)))
+    return out
+
+
+def _views() -> list[str]:
+    wanted = os.environ.get("RCCA_VIEWS")
+    views = [v.strip() for v in wanted.split(",") if v.strip()] if wanted else list(VIEWS)
+    bad = set(views) - set(VIEWS)
+    if bad:
+        raise pytest.UsageError(f"RCCA_VIEWS: unknown view(s) {sorted(bad)}; known: {', '.join(VIEWS)}")
+    return views
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "smoke: also runs in the Nodes 2.0 view (every test runs in the classic view)")
+    config.addinivalue_line("markers", "paints: paints with the mouse (not supported in the Nodes 2.0 view of 1.3x frontends)")
+
+
+def pytest_generate_tests(metafunc):
+    if "page" not in metafunc.fixturenames:
+        return
+    frontends = _frontends()
+    metafunc.parametrize("frontend", frontends, ids=[f"fe{label}" for label, _ in frontends], scope="session",
+                         indirect=True)
+    views = _views()
+    if os.environ.get("RCCA_BROWSER_ALL") != "1" and metafunc.definition.get_closest_marker("smoke") is None:
+        views = [v for v in views if v == "classic"]
+    if views:
+        metafunc.parametrize("view", views, indirect=True)
 SUPPORT_NODES = PACK_DIR / "tests" / "support"
 TINY_CKPT = "tiny_sd15.safetensors"
 CHROMIUM = os.environ.get("RCCA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -39,17 +104,25 @@ HELPERS_JS = r"""
 () => {
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
   const frame = () => new Promise((r) => requestAnimationFrame(() => r()));
+  // app.graph is deprecated for app.rootGraph in newer frontends
+  const root = () => app.rootGraph ?? app.graph;
+  function* all(graph) {
+    for (const n of graph?.nodes ?? []) { yield n; if (n.subgraph) yield* all(n.subgraph); }
+  }
   window.rccaTest = {
     sleep,
+    root,
     reset() {
-      app.graph.clear();
+      if (app.canvas.graph !== root()) app.canvas.setGraph?.(root());
+      root().clear();
       app.canvas.setDirty(true, true);
     },
+    /** The (first) palette node, in the root graph or inside a subgraph. */
     palette() {
-      return app.graph.nodes.find((n) => n.comfyClass === "RCCARegionalPromptPalette");
+      return [...all(root())].find((n) => n.comfyClass === "RCCARegionalPromptPalette");
     },
     node(type) {
-      return app.graph.nodes.find((n) => n.comfyClass === type);
+      return [...all(root())].find((n) => n.comfyClass === type);
     },
     setWidget(node, name, value) {
       const w = node.widgets.find((x) => x.name === name);
@@ -61,7 +134,7 @@ HELPERS_JS = r"""
       const n = LiteGraph.createNode(type);
       if (!n) throw new Error(`no node type ${type}`);
       n.pos = pos;
-      app.graph.add(n);
+      root().add(n);
       for (const [k, v] of Object.entries(values)) this.setWidget(n, k, v);
       return n;
     },
@@ -162,16 +235,38 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def browser_server(tmp_path_factory: pytest.TempPathFactory):
-    """The host's stock ComfyUI server on a free loopback port, tiny SD1.5 checkpoint `ckpt_name`."""
-    if not (COMFYUI_DIR / "main.py").is_file():
-        pytest.fail(f"no ComfyUI at {COMFYUI_DIR}: run `bash scripts/test.sh` (builds .host/) or set COMFYUI_DIR",
-                    pytrace=False)
+def frontend(request):
+    """(version label, static folder or None for ComfyUI's own frontend)."""
+    label, root = request.param
+    if root is not None and not (Path(root) / "index.html").is_file():
+        pytest.fail(f"frontend {label}: no index.html in {root}: run `bash scripts/setup_browser.sh`", pytrace=False)
+    return label, root
+
+
+@pytest.fixture
+def view(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the tiny random SD1.5 checkpoint, shared by every server."""
     ckpts = tmp_path_factory.mktemp("browser_checkpoints")
     r = subprocess.run([sys.executable, str(PACK_DIR / "scripts" / "random_checkpoints.py"), "--preset", "tiny",
                         "--comfyui", str(COMFYUI_DIR), str(ckpts / TINY_CKPT)], capture_output=True, text=True)
     if r.returncode:
         pytest.fail(f"building the tiny checkpoint failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}", pytrace=False)
+    return ckpts
+
+
+@pytest.fixture(scope="session")
+def browser_server(tmp_path_factory: pytest.TempPathFactory, frontend, tiny_checkpoints):
+    """The host's stock ComfyUI server on a free loopback port serving `frontend`, tiny SD1.5 checkpoint
+    `ckpt_name`; `frontend_version` says which frontend."""
+    if not (COMFYUI_DIR / "main.py").is_file():
+        pytest.fail(f"no ComfyUI at {COMFYUI_DIR}: run `bash scripts/test.sh` (builds .host/) or set COMFYUI_DIR",
+                    pytrace=False)
+    ckpts = tiny_checkpoints
     workdir = tmp_path_factory.mktemp("browser_server")
     settings = workdir / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True)
@@ -179,8 +274,9 @@ def browser_server(tmp_path_factory: pytest.TempPathFactory):
     settings.write_text(json.dumps({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
                                     "Comfy.Graph.CanvasInfo": False}))
     srv = ComfyServer(checkpoints_dir=ckpts, custom_nodes_dirs=[SUPPORT_NODES], comfyui_dir=COMFYUI_DIR,
-                      python=sys.executable, workdir=workdir)
+                      python=sys.executable, workdir=workdir, front_end_root=frontend[1])
     srv.ckpt_name = TINY_CKPT
+    srv.frontend_version = frontend[0]
     with srv:
         yield srv
 
@@ -219,8 +315,10 @@ class PageLog:
 
 
 @pytest.fixture
-def page(browser, browser_server, request):
-    """A fresh frontend tab on an empty graph, `rccaTest` helpers installed."""
+def page(browser, browser_server, view, request):
+    """A fresh frontend tab on an empty graph in `view`, `rccaTest` helpers installed."""
+    status, _ = browser_server.post_json(f"/settings/{VUE_SETTING}", view == "nodes2")
+    assert status == 200, f"setting {VUE_SETTING}: HTTP {status}"
     context = browser.new_context(viewport=VIEWPORT)
     # the "Try Nodes 2.0" banner would push the canvas down and cover part of the drawing
     context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
@@ -228,6 +326,11 @@ def page(browser, browser_server, request):
     pg.set_default_timeout(60_000)
     log = PageLog(pg)
     pg.rcca_log = log
+    pg.rcca_view = view
+    pg.rcca_frontend = browser_server.frontend_version
+    if view == "nodes2" and browser_server.frontend_version.startswith("1.3") and request.node.get_closest_marker("paints"):
+        pytest.skip(f"painting in the Nodes 2.0 view of frontend {browser_server.frontend_version} (experimental there) "
+                    "does not land on the drawing yet; it does from 1.58.1")
     pg.goto(browser_server.url + "/")
     pg.wait_for_function("() => window.app?.graph && window.LiteGraph?.registered_node_types?.RCCARegionalPromptPalette"
                          " && app.extensions?.some((e) => e.name === 'rcca.palette')")

@@ -16,7 +16,7 @@ import torch
 
 PACK_DIR = Path(__file__).resolve().parents[2]
 LIVE_WORKFLOW = PACK_DIR / "example_workflows" / "rcca_live_drawing.json"
-SCREENSHOT = PACK_DIR / "docs" / "palette_widget.png"
+DOCS = PACK_DIR / "docs"
 SIZE = 256  # the canvas of the graphs built here: small keeps the tiny model fast on a CPU
 BRUSH = 20
 
@@ -87,13 +87,15 @@ def api_call(page, js):
 
 
 # ---- widget basics --------------------------------------------------------------------------------
+@pytest.mark.smoke
 def test_state_widget_hidden_but_serialized(page, browser_server):
     build(page, browser_server.ckpt_name)
     info = page.evaluate("""async () => {
         const n = rccaTest.palette(), w = n.widgets.find((x) => x.name === 'regions_state');
         n.rccaCanvas.addRegion({ name: 'a', prompt: 'x' });
         const wf = app.graph.serialize(), p = await app.graphToPrompt();
-        const saved = wf.nodes.find((x) => x.id === n.id);
+        // ids are numbers in the saved workflow, strings in memory in newer frontends
+        const saved = wf.nodes.find((x) => String(x.id) === String(n.id));
         return { hidden: !n.isWidgetVisible(w), value: w.value, saved: saved.widgets_values,
                  api: p.output[String(n.id)].inputs, canvasWidget: n.widgets.at(-1).name,
                  displayed: n.rccaCanvas.display.getBoundingClientRect().width };
@@ -112,6 +114,8 @@ def test_state_widget_hidden_but_serialized(page, browser_server):
     assert state["regions"][0]["mask"].startswith("data:image/png;base64,")
 
 
+@pytest.mark.smoke
+@pytest.mark.paints
 def test_paint_two_regions_with_the_mouse(page, browser_server, decode):
     build(page, browser_server.ckpt_name)
     assert state_text(page) == ""
@@ -544,13 +548,20 @@ def check_a_stale_base_makes_the_widget_resend_the_whole_drawing(page, server):
     assert "refused" not in page.locator(".rcca-pal .rcca-status").inner_text()
 
 
-def test_screenshot_for_docs(page, browser_server, live_available):
-    """docs/palette_widget.png: two painted regions (and a live frame when live mode exists).
-    Only with RCCA_SCREENSHOT=1, so CI never rewrites the committed picture."""
+@pytest.mark.smoke
+@pytest.mark.paints
+def test_screenshot_for_docs(page, browser_server, live_available, view):
+    """docs/palette_widget_<view>.png (and docs/palette_widget.png, the classic one, which the README
+    shows): two painted regions and a live frame, on the newest frontend tested.
+    Only with RCCA_SCREENSHOT=1, so CI never rewrites the committed pictures."""
+    from conftest import _frontends
+
     if os.environ.get("RCCA_SCREENSHOT") != "1":
-        pytest.skip("set RCCA_SCREENSHOT=1 to regenerate docs/palette_widget.png")
+        pytest.skip("set RCCA_SCREENSHOT=1 to regenerate docs/palette_widget_*.png")
+    if browser_server.frontend_version != _frontends()[-1][0]:
+        pytest.skip("the pictures show the newest frontend tested")
     build(page, browser_server.ckpt_name, live=live_available)
-    page.evaluate("() => rccaTest.setWidget(rccaTest.palette(), 'background', 'a sunny meadow, detailed photograph')")
+    page.evaluate("() => { rccaTest.setWidget(rccaTest.palette(), 'background', 'a sunny meadow, detailed photograph'); }")
     page.evaluate("() => rccaTest.palette().rccaCanvas.setTool({ size: 28 })")
     add_region_in_ui(page, "fox", "a red fox sitting in the grass")
     stroke(page, [(40, 150), (70, 120), (110, 130), (120, 180), (80, 200), (45, 185), (40, 150)])
@@ -564,11 +575,13 @@ def test_screenshot_for_docs(page, browser_server, live_available):
     page.mouse.move(1300, 600)  # on the empty graph: no brush cursor, no tooltip in the picture
     page.wait_for_timeout(300)
     rect = page.evaluate("() => rccaTest.nodeClientRect(rccaTest.palette())")
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    DOCS.mkdir(parents=True, exist_ok=True)
     pad = 8
-    page.screenshot(path=str(SCREENSHOT), clip={"x": max(0, rect["x"] - pad), "y": max(0, rect["y"] - pad),
-                                                "width": rect["width"] + 2 * pad, "height": rect["height"] + 2 * pad})
-    assert SCREENSHOT.stat().st_size > 10_000
+    clip = {"x": max(0, rect["x"] - pad), "y": max(0, rect["y"] - pad),
+            "width": rect["width"] + 2 * pad, "height": rect["height"] + 2 * pad}
+    for name in [f"palette_widget_{view}.png"] + (["palette_widget.png"] if view == "classic" else []):
+        page.screenshot(path=str(DOCS / name), clip=clip)
+        assert (DOCS / name).stat().st_size > 10_000
 
 
 def _tiny_jpeg() -> str:
