@@ -7,10 +7,11 @@ from .live import LiveStream, register_routes
 from .palette import AddRegion, RegionalPromptPalette
 from .pyramid import MaskPyramidNode
 from .rcd import RCDEmbeddingRefiner, RCDLatentOptimizer
+from .region_lora import RegionLoRANode
 from .stream import PaletteTimeline, SemanticDrawOptionsNode, StreamBatchLCMSampler
 
 NODES: list[type[io.ComfyNode]] = [
-    RegionalPromptPalette, AddRegion, MaskPyramidNode, RCCAAttentionPatch,
+    RegionalPromptPalette, AddRegion, RegionLoRANode, MaskPyramidNode, RCCAAttentionPatch,
     StreamBatchLCMSampler, PaletteTimeline, SemanticDrawOptionsNode, LiveStream,
     RCDEmbeddingRefiner, RCDLatentOptimizer,
 ]

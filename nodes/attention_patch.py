@@ -14,6 +14,7 @@ from ..rcca_core.masks import check_latent_aspect
 from ..rcca_core.palette import PaletteError
 from . import types
 from .families import JOINT_FAMILIES, UNET_FAMILIES, check_palette_encoder, require_family
+from .region_lora import regional_lora
 
 NODE = "RCCA Attention Patch"
 WRAPPER_KEY = "rcca_palette"
@@ -98,9 +99,30 @@ def tick_wrapper(rcca: RegionalCrossAttention):
         own = c_crossattn.shape[1] if torch.is_tensor(c_crossattn) and c_crossattn.ndim == 3 else None
         compiled = "torch.compile" in (transformer_options.get("wrappers", {}).get(WrappersMP.APPLY_MODEL, {}) or {})
         options = rcca.with_tick(transformer_options, x.shape, own, dtype, x.device, static=rcca.static or compiled)
-        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+        loras = rcca.lora_rows(transformer_options, x.shape)
+        if loras is None:
+            return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+        # region LoRAs: forward hooks for this call only, so other clones of the model never see them
+        handles = rcca.lora.install(modules_of(executor.class_obj.diffusion_model), loras[0], loras[1],
+                                    tuple(x.shape[-2:]))
+        try:
+            return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
 
     return wrapper
+
+
+_MODULES: dict[int, tuple] = {}
+
+
+def modules_of(diffusion_model) -> dict:
+    """name -> module of a diffusion model, built once per model object."""
+    hit = _MODULES.get(id(diffusion_model))
+    if hit is None or hit[0] is not diffusion_model:
+        hit = _MODULES[id(diffusion_model)] = (diffusion_model, dict(diffusion_model.named_modules()))
+    return hit[1]
 
 
 def install_rcca(patcher, rcca: RegionalCrossAttention) -> None:
@@ -234,7 +256,7 @@ class RCCAAttentionPatch(io.ComfyNode):
                               if self_attention_until > 0.0 else float("inf"))
         layers = cross_attention_layers(patched.get_model_object("diffusion_model"))
         check_blocks(options.blocks, layers)
-        rcca = RegionalCrossAttention(palette, layers, options, pyramid, previous)
+        rcca = RegionalCrossAttention(palette, layers, options, pyramid, previous, regional_lora(patched, layers))
         install_rcca(patched, rcca)
         return rcca
 
@@ -247,6 +269,10 @@ class RCCAAttentionPatch(io.ComfyNode):
         if self_attention_until > 0.0:
             raise PaletteError(f"{NODE}: self_attention_until applies to SD1.5 / SDXL cross-attention; on SD3 / Flux "
                                "set it to 0")
+        with_lora = [r.spec.name for r in palette.regions if r.spec.loras]
+        if with_lora:
+            raise PaletteError(f"{NODE}: region LoRAs ({', '.join(with_lora)}) work on SD1.5 / SDXL; on SD3 / Flux load "
+                               "the LoRA for the whole model (LoraLoaderModelOnly) or remove it from the region")
         diffusion = patched.get_model_object("diffusion_model")
         if getattr(diffusion, "register_length", 0):
             raise PaletteError(f"{NODE}: this MMDiT prepends {diffusion.register_length} register tokens to the text, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..rcca_core.palette import MAX_REGIONS, Palette, RegionSpec, add_region
+from ..rcca_core.palette import MAX_REGIONS, MAX_WEIGHT, Palette, PaletteError, RegionSpec, add_region
 from ..rcca_core.palette_state import decode_state
 from . import types
 from .families import encoder_family
@@ -31,17 +31,53 @@ class AddRegion(io.ComfyNode):
                 io.String.Input("name", default="", optional=True, tooltip="Label; default 'region N'."),
                 io.String.Input("color", default="", optional=True, tooltip="#rrggbb for previews; default from a fixed palette."),
                 types.Regions.Input("regions", optional=True, tooltip="The chain so far (leave empty to start one)."),
+                io.Float.Input("weight", default=1.0, min=0.01, max=MAX_WEIGHT, step=0.01, optional=True,
+                               tooltip="Scales the region's attention logits (bias log coverage + log weight), not its "
+                                       "coverage: where this prompt shares a pixel with others (soft edges, opacity, "
+                                       "overlaps) its share grows (2: a 50 % brush reads 2/3 of this prompt) or shrinks "
+                                       "(0.5: 1/3). Where it is alone it changes nothing on SD1.5 / SDXL; on SD3 / Flux "
+                                       "it also weighs the prompt against the image tokens."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="The region's tokens from any conditioning (an encoder, a prompt-scheduling "
+                                              "or style node, an embedding) instead of the prompt text; the prompt is "
+                                              "then only a label. Its pooled output is not used (the background's is)."),
+                types.RegionLoRAs.Input("lora", optional=True,
+                                        tooltip="LoRAs for this region only (Region LoRA), applied where it is painted "
+                                                "in the same pass. SD1.5 / SDXL."),
             ],
             outputs=[types.Regions.Output(display_name="regions")],
         )
 
     @classmethod
-    def execute(cls, mask, prompt, strength, negative="", name="", color="", regions=None) -> io.NodeOutput:
+    def execute(cls, mask, prompt, strength, negative="", name="", color="", regions=None, weight=1.0,
+                conditioning=None, lora=None) -> io.NodeOutput:
         if mask.ndim == 3 and mask.shape[0] == 1:
             mask = mask[0]
-        spec = RegionSpec(prompt=prompt, mask=mask, strength=float(strength), negative=negative or "",
-                          name=(name or "").strip(), color=(color or "").strip())
+        label = (name or "").strip()
+        context = region_context(conditioning, label or "Add Region") if conditioning is not None else None
+        spec = RegionSpec(prompt=prompt if context is None else (prompt.strip() or label or "conditioning"), mask=mask,
+                          strength=float(strength), negative=negative or "", name=label, color=(color or "").strip(),
+                          weight=float(weight), context=context, loras=tuple(lora or ()))
         return io.NodeOutput(add_region(regions or (), spec))
+
+
+def region_context(conditioning, what: str) -> torch.Tensor:
+    """The token embeddings of a CONDITIONING with one entry; what RCCA cannot honour is refused."""
+    if not isinstance(conditioning, list) or len(conditioning) != 1:
+        count = len(conditioning) if isinstance(conditioning, list) else type(conditioning).__name__
+        raise PaletteError(f"{what}: a region takes a conditioning with one entry, this one has {count} (combined, "
+                           "scheduled or hooked conditionings); encode the region's prompt with one text encode node")
+    tensor, extra = conditioning[0][0], conditioning[0][1]
+    refused = {"attention_mask": "an attention mask", "mask": "a mask (ConditioningSetMask)", "hooks": "LoRA hooks",
+               "area": "an area (ConditioningSetArea)", "control": "a ControlNet"}
+    for key, what_it_is in refused.items():
+        if extra.get(key) is not None:
+            raise PaletteError(f"{what}: the conditioning carries {what_it_is}, which a region's tokens cannot keep; "
+                               "give the region a plain encoded conditioning (the region's mask is its area)")
+    if not torch.is_tensor(tensor) or tensor.ndim != 3 or tensor.shape[0] != 1:
+        raise PaletteError(f"{what}: the conditioning holds {tuple(getattr(tensor, 'shape', ())) or type(tensor)}, "
+                           "expected the token embeddings of one prompt (1, tokens, width)")
+    return tensor.detach().float().cpu()
 
 
 def add_regions(drawn, chained) -> tuple:

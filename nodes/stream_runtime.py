@@ -22,6 +22,7 @@ from ..rcca_core.semantic_draw import RowContexts, SemanticDrawDenoiser, Semanti
 from ..rcca_core.stream import (NOISE_MODES, ImageSource, SlotBatch, StreamBatch, check_strength, lcm_timesteps,
                                 parse_indices, strength_timesteps)
 from .attention_patch import check_supported, install_rcca, uninstall_rcca
+from .region_lora import regional_lora
 
 REGION_MODES = ("rcca", "semantic_draw", "none")
 CFG_MODES = ("none", "self", "full")
@@ -225,8 +226,8 @@ class StreamRuntime:
             rcca = None
         if self.region_mode == "rcca" and rcca is None:
             previous = m.model_options.get("transformer_options", {}).get("optimized_attention_override")
-            rcca = RegionalCrossAttention(first_state, cross_attention_layers(m.get_model_object("diffusion_model")),
-                                          previous_override=previous)
+            layers = cross_attention_layers(m.get_model_object("diffusion_model"))
+            rcca = RegionalCrossAttention(first_state, layers, previous_override=previous, lora=regional_lora(m, layers))
             install_rcca(m, rcca)
         if self.region_mode == "semantic_draw":
             m.set_model_attn2_patch(RowContexts().attn2_patch)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .masks import MaskPyramid, unet_level_sizes
 from .palette import MAX_REGIONS, Palette, PaletteError
+from .region_lora import RegionalLoRA, add_kv_deltas
 
 ATTENTION_MODES = ("soft", "hard")
 BLOCK_KINDS = ("input", "middle", "output")
@@ -235,7 +236,8 @@ class PreparedPalette:
     The extra tokens are [region 1 .. region P prompts] + [the regions' own negative prompts].
     """
 
-    def __init__(self, palette: Palette, pyramid: MaskPyramid | None = None, mode: str = "soft") -> None:
+    def __init__(self, palette: Palette, pyramid: MaskPyramid | None = None, mode: str = "soft",
+                 lora: "RegionalLoRA | None" = None) -> None:
         if pyramid is None:
             pyramid = MaskPyramid(palette.region_coverage(), "nearest" if mode == "hard" else "area")
         elif pyramid.regions != len(palette.regions) or pyramid.canvas_size != (palette.height, palette.width):
@@ -255,6 +257,21 @@ class PreparedPalette:
                             1: None}
         self._kv: dict[tuple, tuple] = {}
         self._bias: dict[tuple, dict[int, torch.Tensor]] = {}
+        # region LoRAs: (token span of the region's prompt in self.context, its LoRA), one per pair
+        self.lora = lora
+        starts = [sum(self.token_counts[:i]) for i in range(len(regions))]
+        self.lora_spans = [((start, start + count), l) for start, count, r in zip(starts, self.token_counts, regions)
+                           for l in r.spec.loras]
+        if self.lora_spans:
+            if lora is None:
+                raise PaletteError("this palette has region LoRAs, which RCCA applies on SD1.5 / SDXL models")
+            lora.check(l for _, l in self.lora_spans)  # a bad file is reported now, before any sampling
+
+    def lora_pairs(self, index: int) -> list:
+        """(lora, coverage (H, W) at canvas size) of every region LoRA for mask set `index`."""
+        cov = self.palette.region_coverage()
+        i = index if cov.shape[0] > 1 else 0
+        return [(l, cov[i, r]) for r, region in enumerate(self.palette.regions) for l in region.spec.loras]
 
     @property
     def extra_tokens(self) -> int:
@@ -283,7 +300,12 @@ class PreparedPalette:
         if hit is None or not (_same_token(hit[0][0], token[0]) and _same_token(hit[0][1], token[1])):
             with torch.no_grad():
                 ctx = self.context.to(device=device, dtype=dtype)
-                hit = (token, layer.to_k(ctx), layer.to_v(ctx))
+                k, v = layer.to_k(ctx), layer.to_v(ctx)
+                if self.lora is not None and self.lora_spans:
+                    k, v = add_kv_deltas(k, v, ctx, [span for span, _ in self.lora_spans],
+                                         [self.lora.kv_delta(key, lora) for _, lora in self.lora_spans],
+                                         layer.to_k, layer.to_v)
+                hit = (token, k, v)
             self._kv[(key, dtype, device)] = hit
         return hit[1], hit[2]
 
@@ -362,8 +384,10 @@ class RegionalCrossAttention(ChainedOverride):
 
     def __init__(self, palette: Palette | PreparedPalette, layers: Mapping[LayerKey, torch.nn.Module],
                  options: RCCAOptions = RCCAOptions(), pyramid: MaskPyramid | None = None,
-                 previous_override: Callable[..., Any] | None = None) -> None:
-        self.default = palette if isinstance(palette, PreparedPalette) else PreparedPalette(palette, pyramid, options.mode)
+                 previous_override: Callable[..., Any] | None = None, lora: RegionalLoRA | None = None) -> None:
+        self.lora = lora
+        self.default = palette if isinstance(palette, PreparedPalette) else \
+            PreparedPalette(palette, pyramid, options.mode, lora)
         self.options = options
         self.layers = dict(layers)
         self.previous_override = previous_override
@@ -382,7 +406,24 @@ class RegionalCrossAttention(ChainedOverride):
 
     def prepare(self, palette: Palette, pyramid: MaskPyramid | None = None) -> PreparedPalette:
         """A palette ready to be passed per latent under transformer_options["rcca_rows"]."""
-        return PreparedPalette(palette, pyramid, self.options.mode)
+        return PreparedPalette(palette, pyramid, self.options.mode, self.lora)
+
+    def lora_rows(self, transformer_options: Mapping, latent_shape: Sequence[int]) -> tuple[list, int] | None:
+        """The region LoRAs of one model call: per latent its palette's (LoRA, coverage (H, W))
+        pairs, and how many chunks (cond / uncond) the batch holds; None when there are none."""
+        if self.lora is None:
+            return None
+        layout = transformer_options.get("cond_or_uncond") or (0,)
+        chunks = len(transformer_options.get("uuids") or layout)
+        total = int(latent_shape[0])
+        if chunks <= 0 or total % chunks:
+            raise PaletteError(f"RCCA: a batch of {total} latents does not hold whole chunks of {chunks} conditionings")
+        n = total // chunks
+        rows = tuple(transformer_options.get(self.ROWS_KEY) or (self.default,))
+        if len(rows) not in (1, n):
+            raise PaletteError(f"RCCA: {len(rows)} per-latent palettes for a batch of {n} latents")
+        pairs = [rows[i].lora_pairs(0) if len(rows) == n else rows[0].lora_pairs(i) for i in range(n)]
+        return (pairs, chunks) if any(pairs) else None
 
     # -- one model call's inputs, computed on the host before the UNet runs ---------------------
     def with_tick(self, transformer_options: dict, latent_shape: Sequence[int], own: int | None,

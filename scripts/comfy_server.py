@@ -60,10 +60,12 @@ class ComfyServer:
                  python: str | os.PathLike | None = None,
                  extra_args: Iterable[str] = (),
                  startup_timeout: float = 180.0,
-                 front_end_root: str | os.PathLike | None = None) -> None:
+                 front_end_root: str | os.PathLike | None = None,
+                 loras_dir: str | os.PathLike | None = None) -> None:
         self.comfyui_dir = Path(comfyui_dir or DEFAULT_COMFYUI).resolve()
         self.python = str(python or DEFAULT_PYTHON)
         self.checkpoints_dir = Path(checkpoints_dir).resolve() if checkpoints_dir else None
+        self.loras_dir = Path(loras_dir).resolve() if loras_dir else None
         self.custom_nodes_dirs = [Path(d).resolve() for d in custom_nodes_dirs]
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
@@ -140,6 +142,8 @@ class ComfyServer:
         conf: dict[str, str] = {}
         if self.checkpoints_dir:
             conf["checkpoints"] = str(self.checkpoints_dir)
+        if self.loras_dir:
+            conf["loras"] = str(self.loras_dir)
         if self.custom_nodes_dirs:  # folder_paths knows "custom_nodes", so the loader appends these
             conf["custom_nodes"] = "\n".join(str(d) for d in self.custom_nodes_dirs)
         if not conf:

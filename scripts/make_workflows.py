@@ -54,6 +54,21 @@ def regions_graph(sampler: str, steps: int, cfg: float, scheduler: str, ckpt: st
     }
 
 
+DEMO_LORAS = ("rcca_demo_random_lora_a.safetensors", "rcca_demo_random_lora_b.safetensors")  # run_demo.py writes them
+
+
+def regional_lora_graph() -> dict:
+    """regions_graph with a LoRA per region (Region LoRA -> Add Region's lora input): the fox's
+    LoRA acts only on the left half, the car's only on the right, in the one KSampler pass."""
+    g = regions_graph("euler", 20, 7.0, "normal")
+    g["16"] = ("RCCARegionLoRA", {"lora_name": DEMO_LORAS[0], "strength": 0.8}, (250, -150))
+    g["17"] = ("RCCARegionLoRA", {"lora_name": DEMO_LORAS[1], "strength": 0.8}, (250, 560))
+    g["6"][1]["lora"] = ["16", 0]
+    g["7"][1]["lora"] = ["17", 0]
+    g["15"][1]["filename_prefix"] = "rcca_regional_lora"
+    return g
+
+
 def dit_regions_graph(family: str) -> dict:
     """regions_graph for Flux.1 / SD3-3.5 all-in-one checkpoints, wired like ComfyUI's own templates
     (flux_dev_checkpoint_example, sd3.5_simple_example): 16-channel EmptySD3LatentImage; the patch
@@ -197,6 +212,8 @@ WORKFLOWS = {
     # Flux.1 (dev) and SD3 / SD3.5 all-in-one checkpoints: same regions, each family's usual sampling
     "rcca_regions_flux": dit_regions_graph("flux"),
     "rcca_regions_sd3": dit_regions_graph("sd3"),
+    # a LoRA per region in the same single pass (SD1.5 / SDXL)
+    "rcca_regional_lora": regional_lora_graph(),
 }
 
 

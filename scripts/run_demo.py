@@ -30,6 +30,7 @@ from comfy_server import DEFAULT_COMFYUI, ComfyServer  # noqa: E402
 
 RANDOM_CKPT = PACK / ".host" / "models" / "rcca_demo_random_sd15.safetensors"
 WORKFLOWS = PACK / "example_workflows" / "api"
+RANDOM_LORAS = PACK / ".host" / "models" / "loras"  # random region LoRAs per checkpoint, for rcca_regional_lora
 # workflows for the MMDiT families: family -> (random checkpoint, random_checkpoints.py preset)
 DIT_WORKFLOWS = {"rcca_regions_flux": "flux", "rcca_regions_sd3": "sd3"}
 RANDOM_DIT_CKPTS = {"flux": (PACK / ".host" / "models" / "rcca_demo_random_flux.safetensors", "tiny_flux"),
@@ -122,8 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     shown_size = next((n["inputs"]["width"] for n in prompt.values()
                        if n["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage")), "?")
     print(f"[demo] workflow {workflow}, checkpoint {ckpt_name}, {shown_steps} steps, {shown_size} px", flush=True)
+    loras = sorted({n["inputs"]["lora_name"] for n in prompt.values() if n["class_type"] == "RCCARegionLoRA"})
+    loras_dir = None
+    if loras:
+        # the example's LoRAs are random-weight files built for this checkpoint: they show where each
+        # region's LoRA acts, not a style; load your own LoRAs in the UI
+        loras_dir = RANDOM_LORAS / Path(ckpt_name).stem
+        missing = [str(loras_dir / name) for name in loras if not (loras_dir / name).is_file()]
+        if missing:
+            subprocess.run([sys.executable, str(PACK / "scripts" / "random_lora.py"), str(folder / ckpt_name), *missing],
+                           check=True)
+        print(f"[demo] region LoRAs: random-weight files {', '.join(loras)} in {loras_dir}", flush=True)
     t0 = time.time()
-    with ComfyServer(checkpoints_dir=folder, custom_nodes_dirs=custom_nodes) as server:
+    with ComfyServer(checkpoints_dir=folder, custom_nodes_dirs=custom_nodes, loras_dir=loras_dir) as server:
         print(f"[demo] ComfyUI at {server.url} (log: {server.log_path})", flush=True)
         entry = server.run(prompt, timeout=a.timeout)
         out = Path(a.out)

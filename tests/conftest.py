@@ -97,6 +97,22 @@ class ComfyHost:
         """(model, clip, vae) of the tiny SD1.5 checkpoint, loaded once per session."""
         return self.load_checkpoint(self.ckpt_name)
 
+    def random_loras(self, names: list[str], **kw: Any) -> Path:
+        """Random LoRA files for the tiny SD1.5 checkpoint under these names (seed 1, 2, ... in
+        order; kw as random_lora.random_lora takes), in a loras folder ComfyUI knows; existing
+        files are kept. Returns the folder."""
+        import folder_paths
+        import random_lora
+
+        folder = self.base / "loras"
+        if not folder.is_dir():
+            folder.mkdir()
+            folder_paths.add_model_folder_path("loras", str(folder))
+        for seed, name in enumerate(names, start=1):
+            if not (folder / name).is_file():
+                random_lora.write_lora(folder / name, self.load_tiny()[0].model, seed=seed, **kw)
+        return folder
+
 
 def _is_comfy_file(module: Any) -> bool:
     return Path(getattr(module, "__file__", None) or "/").resolve().parent == COMFYUI_DIR

@@ -42,7 +42,7 @@ def ui_to_api(ui: dict, classes: dict) -> dict:
 
 def test_examples_exist():
     assert {"rcca_regions_lcm", "rcca_regions_euler", "rcca_stream_drawing", "rcca_live_drawing",
-            "rcca_regions_flux", "rcca_regions_sd3"} <= set(NAMES)
+            "rcca_regions_flux", "rcca_regions_sd3", "rcca_regional_lora"} <= set(NAMES)
     for name in NAMES:
         assert (EXAMPLES / "api" / f"{name}.json").is_file(), f"{name}: no API twin"
 
@@ -83,6 +83,9 @@ def test_api_workflow_runs(comfy_host, name):
     api["1"]["inputs"]["ckpt_name"] = TINY_DIT.get(demo_ckpt, comfy_host.ckpt_name)
     if demo_ckpt in TINY_DIT:
         scale_size(api, 64)  # 1024 px -> 64 (masks, palette and latent together)
+    region_loras = [n["inputs"]["lora_name"] for n in api.values() if n["class_type"] == "RCCARegionLoRA"]
+    if region_loras:  # the demo's random LoRA names, built for the tiny checkpoint
+        comfy_host.random_loras(sorted(set(region_loras)))
     for node in api.values():  # 512 px and 20 steps are slow on 2 CPU cores; the graph is what is tested
         if node["class_type"] in ("KSampler", "BasicScheduler"):
             node["inputs"]["steps"] = min(node["inputs"]["steps"], 3)
@@ -90,7 +93,7 @@ def test_api_workflow_runs(comfy_host, name):
             node["inputs"].update(t_f=min(node["inputs"]["t_f"], 2), t_a=min(node["inputs"]["t_a"], 1))
     result = comfy_host.run_graph(api)
     saved = [img for out in result["outputs"].values() for img in out.get("images", [])]
-    assert saved and saved[0]["filename"].startswith(("rcca_palette", "rcca_stream"))  # incl. rcca_palette_rcd*
+    assert saved and saved[0]["filename"].startswith(("rcca_palette", "rcca_stream", "rcca_regional_lora"))
     image = comfy_host.base / "output" / saved[0].get("subfolder", "") / saved[0]["filename"]
     assert image.stat().st_size > 0
     if demo_ckpt in TINY_DIT:  # random weights: noise, but finite (a NaN would save as black)

@@ -50,6 +50,7 @@ def test_pack_nodes_are_registered_with_display_names(comfy_host):
     assert comfy_host.pack_loaded
     names = {k: nodes.NODE_DISPLAY_NAME_MAPPINGS.get(k) for k in nodes.NODE_CLASS_MAPPINGS if k.startswith(("RCCA", "RCD"))}
     assert names == {"RCCARegionalPromptPalette": "Regional Prompt Palette", "RCCAAddRegion": "Add Region",
+                     "RCCARegionLoRA": "Region LoRA",
                      "RCCAMaskPyramid": "Mask Pyramid", "RCCAAttentionPatch": "RCCA Attention Patch",
                      "RCCAStreamBatchLCMSampler": "Stream Batch LCM Sampler", "RCCAPaletteTimeline": "Palette Timeline",
                      "RCCASemanticDrawOptions": "SemanticDraw Options", "RCCALiveStream": "Live Stream",

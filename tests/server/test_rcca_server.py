@@ -10,7 +10,9 @@ from run_demo import scale_size  # scripts/ is on sys.path (conftest.py)
 PACK = Path(__file__).resolve().parents[2]
 PACK_NODES = {
     "RCCARegionalPromptPalette": ("Regional Prompt Palette", {"clip", "background", "width", "height", "regions", "regions_state"}),
-    "RCCAAddRegion": ("Add Region", {"mask", "prompt", "strength", "negative", "name", "color", "regions"}),
+    "RCCAAddRegion": ("Add Region", {"mask", "prompt", "strength", "negative", "name", "color", "regions", "weight",
+                                     "conditioning", "lora"}),
+    "RCCARegionLoRA": ("Region LoRA", {"lora_name", "strength", "lora"}),
     "RCCAMaskPyramid": ("Mask Pyramid", {"palette", "mode", "latent", "levels"}),
     "RCCAAttentionPatch": ("RCCA Attention Patch", {"model", "palette", "pyramid", "mode", "start_percent", "end_percent", "blocks",
                                                      "self_attention_until", "region_text"}),
@@ -45,6 +47,17 @@ def test_example_api_workflow_succeeds_over_http(comfy_server):
     assert entry["status"]["status_str"] == "success"
     images = comfy_server.outputs_images(entry)
     assert images and images[0].name.startswith("rcca_palette") and images[0].stat().st_size > 0
+
+
+def test_regional_lora_api_workflow_succeeds_over_http(comfy_server):
+    """Two regions, each with its own LoRA (random files for the tiny checkpoint), one KSampler pass."""
+    prompt = json.loads((PACK / "example_workflows" / "api" / "rcca_regional_lora.json").read_text())
+    prompt["1"]["inputs"]["ckpt_name"] = comfy_server.ckpt_name
+    prompt["13"]["inputs"]["steps"] = 2
+    entry = comfy_server.run(prompt, timeout=300)
+    assert entry["status"]["status_str"] == "success"
+    images = comfy_server.outputs_images(entry)
+    assert images and images[0].name.startswith("rcca_regional_lora") and images[0].stat().st_size > 0
 
 
 @pytest.mark.parametrize("name, family", [("rcca_regions_flux", "flux"), ("rcca_regions_sd3", "sd3")])
