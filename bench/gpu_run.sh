@@ -2,19 +2,22 @@
 # Full SD1.5-architecture benchmarks on a CUDA machine with no ComfyUI install and no network: they
 # use that machine's own torch and a ComfyUI source tree copied along with the pack.
 #
-# usage: bash bench/gpu_run.sh [ksampler|stream|joint|all] [COMFYUI_DIR] [WHEELS_DIR] [-- extra benchmark args]
+# usage: bash bench/gpu_run.sh [ksampler|stream|joint|lora|all] [COMFYUI_DIR] [WHEELS_DIR] [-- extra benchmark args]
 #   ksampler     bench/ksampler_patch_overhead.py (RCCA patch overhead per KSampler step)
 #   stream       bench/stream_fps.py (Stream Batch LCM Sampler frames/s; adds --compile, see below)
 #   joint        bench/joint_patch_overhead.py (RCCA patch overhead on Flux.1-dev and SD3.5-medium
 #                diffusion models, full layouts at 1024 x 1024 bf16, built in-process: no checkpoint, no CKPT)
-#   all          ksampler then stream (the default; joint is not part of it); extra args need a single benchmark
+#   lora         bench/region_lora_overhead.py (region LoRAs in RCCA's single pass vs no LoRA, a global LoRA
+#                and ComfyUI's hook-based regional LoRA; full SD1.5 at 512 x 512 fp16, shares CKPT)
+#   all          ksampler then stream (the default; joint and lora are not part of it); extra args need a single benchmark
 #   COMFYUI_DIR  ComfyUI 0.3.75 tree (default: <pack>/.host/ComfyUI, carried along with the pack)
 #   WHEELS_DIR   optional folder of wheels installed offline with --no-deps (see bench/README.md)
 # env: PYTHON (default python3), DEVICE (default cuda; cpu only to dry-run this script), RESULTS_DIR (default <pack>/bench/results), CKPT (checkpoint path,
 #      written once from the full preset if missing; default /tmp/rcca_bench_full_sd15.safetensors; both benchmarks share it)
 #
 # Prints each benchmark's JSON on stdout and writes it to $RESULTS_DIR/<benchmark>_gpu.json
-# (ksampler_patch_overhead_gpu.json, stream_fps_gpu.json, joint_patch_overhead_gpu.json).
+# (ksampler_patch_overhead_gpu.json, stream_fps_gpu.json, joint_patch_overhead_gpu.json,
+# region_lora_overhead_gpu.json).
 # Dry run on CPU: DEVICE=cpu RESULTS_DIR=/tmp/r bash bench/gpu_run.sh joint -- --layout tiny --threads 1
 set -euo pipefail
 
@@ -24,12 +27,12 @@ COMFY=$PACK/.host/ComfyUI
 WHEELS=""
 BENCH=all
 # the benchmark name is optional, so `gpu_run.sh COMFYUI_DIR ...` keeps working as before
-case ${1:-} in ksampler|stream|joint|all) BENCH=$1; shift ;; esac
+case ${1:-} in ksampler|stream|joint|lora|all) BENCH=$1; shift ;; esac
 if [[ $# -gt 0 && $1 != "--" ]]; then COMFY=$1; shift; fi
 if [[ $# -gt 0 && $1 != "--" ]]; then WHEELS=$1; shift; fi
 if [[ $# -gt 0 && $1 == "--" ]]; then shift; fi
 if [[ $# -gt 0 && $BENCH == all ]]; then
-    echo "gpu_run.sh: extra arguments go to one benchmark; name it (ksampler, stream or joint) first" >&2; exit 2
+    echo "gpu_run.sh: extra arguments go to one benchmark; name it (ksampler, stream, joint or lora) first" >&2; exit 2
 fi
 COMFY=$(cd "$COMFY" && pwd)
 [[ -f $COMFY/nodes.py ]] || { echo "gpu_run.sh: no ComfyUI at $COMFY" >&2; exit 2; }
@@ -116,4 +119,10 @@ if [[ $BENCH == joint ]]; then
     # after -- override these (e.g. -- --family flux, -- --layout tiny for a CPU dry run)
     "$PY" "$PACK/bench/joint_patch_overhead.py" --device "${DEVICE:-cuda}" --layout full --family both \
         --comfyui "$COMFY" --out "$RESULTS_DIR/joint_patch_overhead_gpu.json" "$@"
+fi
+if [[ $BENCH == lora ]]; then
+    # P = 4 stripes; 0 / 1 / 2 / 4 region LoRAs (random rank 16, written to a temp loras folder) vs the
+    # unpatched model, one global LoRA and ComfyUI's hook LoRAs (CreateHookLoraModelOnly + masked conds)
+    "$PY" "$PACK/bench/region_lora_overhead.py" "${common[@]}" \
+        --out "$RESULTS_DIR/region_lora_overhead_gpu.json" "$@"
 fi
