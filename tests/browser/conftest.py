@@ -277,6 +277,7 @@ def browser_server(tmp_path_factory: pytest.TempPathFactory, frontend, tiny_chec
                       python=sys.executable, workdir=workdir, front_end_root=frontend[1])
     srv.ckpt_name = TINY_CKPT
     srv.frontend_version = frontend[0]
+    srv.newest_frontend = _frontends()[-1][0]  # the screenshots for docs/ show this one
     with srv:
         yield srv
 
