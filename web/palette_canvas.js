@@ -418,6 +418,8 @@ export class PaletteCanvas {
     this.drawCursor(p);
     if (!this.stroke) return;
     e.preventDefault();
+    // the Nodes 2.0 view of 1.3x frontends starts dragging the node on a move with the button held
+    e.stopPropagation();
     const { ctx, last } = this.stroke;
     ctx.beginPath();
     ctx.moveTo(last[0], last[1]);
@@ -432,6 +434,7 @@ export class PaletteCanvas {
   onPointerUp(e) {
     if (!this.stroke) return;
     e.preventDefault();
+    e.stopPropagation();
     this.display.releasePointerCapture?.(e.pointerId);
     const { region, before } = this.stroke;
     this.stroke = null;

@@ -78,7 +78,7 @@ def _views() -> list[str]:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "smoke: also runs in the Nodes 2.0 view (every test runs in the classic view)")
-    config.addinivalue_line("markers", "paints: paints with the mouse (not supported in the Nodes 2.0 view of 1.3x frontends)")
+    config.addinivalue_line("markers", "paints: paints with the mouse")
 
 
 def pytest_generate_tests(metafunc):
@@ -329,9 +329,6 @@ def page(browser, browser_server, view, request):
     pg.rcca_log = log
     pg.rcca_view = view
     pg.rcca_frontend = browser_server.frontend_version
-    if view == "nodes2" and browser_server.frontend_version.startswith("1.3") and request.node.get_closest_marker("paints"):
-        pytest.skip(f"painting in the Nodes 2.0 view of frontend {browser_server.frontend_version} (experimental there) "
-                    "does not land on the drawing yet; it does from 1.58.1")
     pg.goto(browser_server.url + "/")
     pg.wait_for_function("() => window.app?.graph && window.LiteGraph?.registered_node_types?.RCCARegionalPromptPalette"
                          " && app.extensions?.some((e) => e.name === 'rcca.palette')")
