@@ -65,6 +65,14 @@ class Host:
             self._tmp = None
 
 
+def add_run_args(ap: Any) -> None:
+    """The options every side-by-side benchmark takes: --comfyui, --threads, --seed, --out."""
+    ap.add_argument("--comfyui", default=None, help="ComfyUI dir (default $COMFYUI_DIR or <pack>/.host/ComfyUI)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the JSON to this file")
+
+
 def setup_comfy(device: str = "cpu", comfyui_dir: str | os.PathLike | None = None) -> Host:
     """Import ComfyUI in this process on `device` and load this pack; returns a Host.
 

@@ -66,10 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="inprocess: tokens per prompt (default Flux 256 = T5 min length, SD3 154 = 77 CLIP + 77 T5)")
     ap.add_argument("--no-profile", action="store_true",
                     help=f"skip the extra (untimed for ratios) P = {TARGET_P} run that clocks soft normalisation")
-    ap.add_argument("--comfyui", default=None, help="ComfyUI dir (default $COMFYUI_DIR or <pack>/.host/ComfyUI)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="also write the JSON to this file")
+    common.add_run_args(ap)
     a = ap.parse_args(argv)
     on_gpu = a.device == "cuda"
     a.layout = a.layout or ("full" if on_gpu else "tiny")

@@ -61,10 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     ap.add_argument("--no-distill", action="store_true", help="attention control only (no teacher runs)")
     ap.add_argument("--ckpt", default=None, help="checkpoint file (written from the preset if missing)")
-    ap.add_argument("--comfyui", default=None, help="ComfyUI dir (default $COMFYUI_DIR or <pack>/.host/ComfyUI)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="also write the JSON to this file")
+    common.add_run_args(ap)
     a = ap.parse_args(argv)
     on_gpu = a.device == "cuda"
     a.preset = a.preset or ("full" if on_gpu else "tiny")

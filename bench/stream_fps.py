@@ -100,10 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="skip the run that decodes with the checkpoint's TAESD instead of latent2rgb")
     ap.add_argument("--ckpt", default=None,
                     help="checkpoint file to use; written from the preset there if missing (default: temp dir)")
-    ap.add_argument("--comfyui", default=None, help="ComfyUI dir (default $COMFYUI_DIR or <pack>/.host/ComfyUI)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="also write the JSON to this file")
+    common.add_run_args(ap)
     a = ap.parse_args(argv)
     on_gpu = a.device == "cuda"
     a.preset = a.preset or ("full" if on_gpu else "tiny")

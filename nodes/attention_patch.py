@@ -9,7 +9,7 @@ import logging
 import torch
 
 from ..rcca_core.attention import ATTENTION_MODES, RCCAOptions, RegionalCrossAttention, cross_attention_layers, parse_blocks
-from ..rcca_core.joint import CALL_KEY, TEXT_SEES, JointOptions, JointRegionalAttention
+from ..rcca_core.joint import CALL_KEY, JointOptions, JointRegionalAttention
 from ..rcca_core.masks import check_latent_aspect
 from ..rcca_core.palette import PaletteError
 from . import types
@@ -103,8 +103,7 @@ def tick_wrapper(rcca: RegionalCrossAttention):
         if loras is None:
             return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
         # region LoRAs: forward hooks for this call only, so other clones of the model never see them
-        handles = rcca.lora.install(modules_of(executor.class_obj.diffusion_model), loras[0], loras[1],
-                                    tuple(x.shape[-2:]))
+        handles = rcca.lora.install(executor.class_obj.diffusion_model, loras[0], loras[1], tuple(x.shape[-2:]))
         try:
             return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
         finally:
@@ -112,17 +111,6 @@ def tick_wrapper(rcca: RegionalCrossAttention):
                 handle.remove()
 
     return wrapper
-
-
-_MODULES: dict[int, tuple] = {}
-
-
-def modules_of(diffusion_model) -> dict:
-    """name -> module of a diffusion model, built once per model object."""
-    hit = _MODULES.get(id(diffusion_model))
-    if hit is None or hit[0] is not diffusion_model:
-        hit = _MODULES[id(diffusion_model)] = (diffusion_model, dict(diffusion_model.named_modules()))
-    return hit[1]
 
 
 def install_rcca(patcher, rcca: RegionalCrossAttention) -> None:

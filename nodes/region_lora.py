@@ -80,10 +80,12 @@ def delta_loader(model):
     import comfy.weight_adapter.lora as lora_adapter
 
     base = model.model
-    key_map = comfy.lora.model_lora_keys_unet(base, {})
+    key_map: dict = {}  # built at the first LoRA: every RCCA patch makes a loader, few palettes use one
     prefix = "diffusion_model."
 
     def load(lora: RegionLoRA) -> dict[str, LayerDelta]:
+        if not key_map:
+            comfy.lora.model_lora_keys_unet(base, key_map)
         reads = _Reads(lora.weights)
         patches = comfy.lora.load_lora(reads, key_map, log_missing=False)
         unknown = sorted(k for k in lora.weights if k not in reads.read and not k.startswith(TEXT_ENCODER_PREFIXES))

@@ -126,6 +126,26 @@ def row_layout(rows: int, latents: int, armed: Sequence[int], live: Sequence[int
         "couple that keeps cond_or_uncond in step with the batch (e.g. Acly's Regions Attention Mask)")
 
 
+def call_layout(transformer_options: Mapping, total: int) -> tuple[tuple[int, ...], int, int] | None:
+    """(cond 0 / uncond 1 kind of each chunk, chunks, latents per chunk) of one model call's batch
+    of `total` rows as ComfyUI lists them; None when the rows do not split into whole chunks."""
+    layout = tuple(int(c) for c in (transformer_options.get("cond_or_uncond") or (0,)))
+    # uuids has one entry per chunk ComfyUI batched and, unlike cond_or_uncond, no patch edits it
+    chunks = len(transformer_options.get("uuids") or layout)
+    if chunks <= 0 or total % chunks:
+        return None
+    return layout, chunks, total // chunks
+
+
+def whole_chunks(transformer_options: Mapping, total: int) -> tuple[tuple[int, ...], int, int]:
+    """call_layout, or the error saying the batch cannot be read."""
+    split = call_layout(transformer_options, total)
+    if split is None:
+        chunks = len(transformer_options.get("uuids") or transformer_options.get("cond_or_uncond") or (0,))
+        raise PaletteError(f"RCCA: a batch of {total} latents does not hold whole chunks of {chunks} conditionings")
+    return split
+
+
 def region_bias(weights: torch.Tensor, token_counts: Sequence[int], mode: str = "soft", eps: float = 1e-4,
                 log_scale: Sequence[float] | None = None) -> torch.Tensor:
     """Per-block coverages (N, K, hw) -> additive attention bias (N, hw, sum(token_counts)), float32.
@@ -413,13 +433,10 @@ class RegionalCrossAttention(ChainedOverride):
         pairs, and how many chunks (cond / uncond) the batch holds; None when there are none."""
         if self.lora is None:
             return None
-        layout = transformer_options.get("cond_or_uncond") or (0,)
-        chunks = len(transformer_options.get("uuids") or layout)
-        total = int(latent_shape[0])
-        if chunks <= 0 or total % chunks:
-            raise PaletteError(f"RCCA: a batch of {total} latents does not hold whole chunks of {chunks} conditionings")
-        n = total // chunks
         rows = tuple(transformer_options.get(self.ROWS_KEY) or (self.default,))
+        if not any(r.lora_spans for r in rows):  # the usual case, every stream tick: nothing to build
+            return None
+        _, chunks, n = whole_chunks(transformer_options, int(latent_shape[0]))
         if len(rows) not in (1, n):
             raise PaletteError(f"RCCA: {len(rows)} per-latent palettes for a batch of {n} latents")
         pairs = [rows[i].lora_pairs(0) if len(rows) == n else rows[0].lora_pairs(i) for i in range(n)]
@@ -457,12 +474,10 @@ class RegionalCrossAttention(ChainedOverride):
         if own is None or not self.layers:
             return None
         static = self.static if static is None else bool(static)
-        layout = tuple(int(c) for c in (transformer_options.get("cond_or_uncond") or (0,)))
-        chunks = len(transformer_options.get("uuids") or layout)
-        total = int(latent_shape[0])
-        if chunks <= 0 or total % chunks or len(layout) != chunks:
+        split = call_layout(transformer_options, int(latent_shape[0]))
+        if split is None or len(split[0]) != split[1]:
             return None  # the hooks' own path reports what is wrong
-        n = total // chunks
+        layout, _, n = split
         rows = tuple(transformer_options.get(self.ROWS_KEY) or (self.default,))
         sigmas = transformer_options.get("sigmas")
         top = float(sigmas.max()) if sigmas is not None and not (self.options.full_range and

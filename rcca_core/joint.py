@@ -49,7 +49,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import ATTENTION_MODES, ChainedOverride, PreparedPalette, region_bias, row_layout
+from .attention import ATTENTION_MODES, ChainedOverride, PreparedPalette, region_bias, row_layout, whole_chunks
 from .masks import MaskPyramid
 from .palette import Palette, PaletteError
 
@@ -156,6 +156,7 @@ class PreparedJointPalette:
         self.prepared = PreparedPalette(palette, pyramid, options.mode)
         self.options = options
         self._bias: dict[tuple, tuple] = {}
+        self._blocks: dict[tuple, tuple] = {}
 
     @property
     def palette(self) -> Palette:
@@ -169,6 +170,17 @@ class PreparedJointPalette:
     def counts(self, own: int) -> list[int]:
         return [own] + self.prepared.token_counts + self.prepared.negative_counts
 
+    def token_blocks(self, own: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block of every text token (T,), first token of every block (K,)), made once per device."""
+        key = (own, device)
+        hit = self._blocks.get(key)
+        if hit is None:
+            counts = self.counts(own)
+            hit = self._blocks[key] = (
+                torch.repeat_interleave(torch.arange(len(counts), device=device), torch.as_tensor(counts, device=device)),
+                torch.as_tensor(first_tokens(counts), device=device))
+        return hit
+
     def bias(self, h: int, w: int, own: int, active: bool, device: torch.device) -> dict[int, tuple[torch.Tensor, bool]]:
         """{0: cond, 1: uncond} -> (bias (N, T + hw, T + hw) float32, whether any image token reads
         several prompts). Inactive (outside the sigma range): image tokens read block 0 alone."""
@@ -179,7 +191,7 @@ class PreparedJointPalette:
         level = self.prepared.pyramid.level(h, w).to(device)
         counts = self.counts(own)
         per_kind = self.prepared.block_weights(level)
-        first = torch.as_tensor(first_tokens(counts), device=device)
+        first = self.token_blocks(own, device)[1]
         hit = {}
         for kind, weights in per_kind.items():
             if not active:
@@ -240,12 +252,8 @@ class JointRegionalAttention(ChainedOverride):
         need normalising), "length" L, "text" T, "ids" (T,) block of every text token, "first" (K,)
         each block's first token, "mixed", "rows", "grid" (h, w) image tokens, "calls" (how many
         attention calls took the bias: the caller checks it is not 0 after the model ran)."""
-        layout = tuple(int(c) for c in (transformer_options.get("cond_or_uncond") or (0,)))
         rows = int(latent_shape[0])
-        chunks = len(transformer_options.get("uuids") or layout)
-        if chunks <= 0 or rows % chunks:
-            raise PaletteError(f"RCCA: a batch of {rows} latents does not hold whole chunks of {chunks} conditionings")
-        n = rows // chunks
+        layout, _, n = whole_chunks(transformer_options, rows)
         layout = row_layout(rows, n, layout, None)
         samples = self.prepared.prepared.samples
         if samples not in (1, n):
@@ -268,9 +276,9 @@ class JointRegionalAttention(ChainedOverride):
             if len(self._rows) > 16:
                 self._rows.clear()
             self._rows[key] = bias
-        ids = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.as_tensor(counts, device=device))
-        return {"bias": bias, "length": text + h * w, "text": text, "ids": ids,
-                "first": torch.as_tensor(first_tokens(counts), device=device), "mixed": mixed, "rows": rows, "grid": (h, w), "calls": 0}
+        ids, first = self.prepared.token_blocks(int(own), device)
+        return {"bias": bias, "length": text + h * w, "text": text, "ids": ids, "first": first, "mixed": mixed,
+                "rows": rows, "grid": (h, w), "calls": 0}
 
     def with_call(self, transformer_options: dict, latent_shape: Sequence[int], own: int,
                   dtype: torch.dtype, device: torch.device) -> dict:

@@ -91,13 +91,21 @@ class RegionalLoRA:
     def __init__(self, loader: DeltaLoader, kv_names: Mapping[tuple, str]) -> None:
         self.loader = loader
         self.kv_names = dict(kv_names)
-        self._deltas: dict[int, tuple[RegionLoRA, Mapping[str, LayerDelta]]] = {}
+        self._deltas: dict[int, tuple] = {}
+        self._modules: tuple[torch.nn.Module, dict] | None = None  # the model hooked last and its modules by name
 
-    def deltas(self, lora: RegionLoRA) -> Mapping[str, LayerDelta]:
+    def _entry(self, lora: RegionLoRA) -> tuple:
+        """(lora, all its deltas, those applied through hooks: every layer but the cross-attention
+        k / v), loaded once per LoRA object."""
         hit = self._deltas.get(id(lora))
         if hit is None or hit[0] is not lora:
-            hit = self._deltas[id(lora)] = (lora, dict(self.loader(lora)))
-        return hit[1]
+            deltas = dict(self.loader(lora))
+            skip = {f"{n}.{p}" for n in self.kv_names.values() for p in ("to_k", "to_v")}
+            hit = self._deltas[id(lora)] = (lora, deltas, {n: d for n, d in deltas.items() if n not in skip})
+        return hit
+
+    def deltas(self, lora: RegionLoRA) -> Mapping[str, LayerDelta]:
+        return self._entry(lora)[1]
 
     def check(self, loras: Iterable[RegionLoRA]) -> None:
         """Build every delta now, so a bad file is reported before sampling."""
@@ -111,14 +119,18 @@ class RegionalLoRA:
         d = self.deltas(lora)
         return d.get(f"{name}.to_k"), d.get(f"{name}.to_v")
 
-    def image_layers(self, lora: RegionLoRA) -> dict[str, LayerDelta]:
+    def image_layers(self, lora: RegionLoRA) -> Mapping[str, LayerDelta]:
         """The deltas applied through hooks: every layer but the cross-attention k / v."""
-        skip = {f"{n}.{p}" for n in self.kv_names.values() for p in ("to_k", "to_v")}
-        return {name: d for name, d in self.deltas(lora).items() if name not in skip}
+        return self._entry(lora)[2]
 
-    def install(self, modules: Mapping[str, torch.nn.Module], rows: Sequence[Any], chunks: int,
-                latent_hw: tuple[int, int]) -> list:
-        """Forward hooks for one model call; returns handles to remove afterwards.
+    def modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """The model's modules by name, listed once per model."""
+        if self._modules is None or self._modules[0] is not model:
+            self._modules = (model, dict(model.named_modules()))
+        return self._modules[1]
+
+    def install(self, model: torch.nn.Module, rows: Sequence[Any], chunks: int, latent_hw: tuple[int, int]) -> list:
+        """Forward hooks on the diffusion model's layers for one model call; returns handles to remove afterwards.
 
         rows: per latent, the region specs' (lora, coverage (H, W)) pairs of its palette;
         the batch is `chunks` chunks (cond / uncond) of len(rows) latents."""
@@ -176,6 +188,7 @@ class RegionalLoRA:
             return hook
 
         handles = []
+        modules = self.modules(model)
         missing = [name for name in per_layer if name not in modules]
         if missing:
             raise PaletteError(f"region LoRA: this model has no layer {missing[0]}")

@@ -3,7 +3,6 @@ a palette inside a subgraph, a Live start the frontend swallows, and two workflo
 node id."""
 from __future__ import annotations
 
-import json
 
 import pytest
 

@@ -6,7 +6,6 @@ ComfyUI's CPU default attention (sub-quadratic) asks psutil for free memory at e
 dynamo cannot trace with or without RCCA; these tests select ComfyUI's PyTorch attention (SDPA,
 the GPU default, `--use-pytorch-cross-attention`)."""
 
-import copy
 
 import pytest
 import torch

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from fake_unet import CrossAttention, run_layer
-from rcca_core.attention import TICK_KEY, RCCAOptions, RegionalCrossAttention, token_bucket
+from fake_unet import run_layer
+from rcca_core.attention import TICK_KEY, RegionalCrossAttention, token_bucket
 from rcca_core.palette import Palette, RegionSpec
-from test_attention import CTX_DIM, DIM, HEADS, KEY, encode, halves, make, plain, queries
+from test_attention import DIM, KEY, encode, halves, make, plain, queries
 
 H, W = 6, 8
 

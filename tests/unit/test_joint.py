@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fake_mmdit import JointBlock, sdpa
-from rcca_core.joint import CALL_KEY, JointOptions, JointRegionalAttention, PreparedJointPalette, first_tokens, \
+from rcca_core.joint import CALL_KEY, JointOptions, JointRegionalAttention, first_tokens, \
     joint_bias, normalize_joint_mass, token_grid
 from rcca_core.palette import Palette, PaletteError, RegionSpec
 
@@ -258,7 +258,6 @@ def test_joint_bias_checks_its_blocks():
         joint_bias(torch.ones(1, 2, 4), [3])
     with pytest.raises(PaletteError, match="text_sees"):
         JointOptions(text_sees="nowhere")
-    assert PreparedJointPalette  # exported for the node layer
 
 
 def test_region_weight_scales_the_joint_text_mass():

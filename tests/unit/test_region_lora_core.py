@@ -47,7 +47,7 @@ def test_hooks_scale_the_delta_by_coverage_and_are_removed():
     x_tok = torch.randn(2, 64, 3)
     x_vec = torch.randn(2, 3)
     plain = (model.conv(x_img), model.proj(x_tok), model.emb(x_vec))
-    handles = regional.install(dict(model.named_modules()), [[(lora, left)]], 2, (8, 8))
+    handles = regional.install(model, [[(lora, left)]], 2, (8, 8))
     got = (model.conv(x_img), model.proj(x_tok), model.emb(x_vec))
     for h in handles:
         h.remove()
@@ -59,7 +59,7 @@ def test_hooks_scale_the_delta_by_coverage_and_are_removed():
     torch.testing.assert_close(got[2], plain[2] + 0.5 * deltas["emb"].apply(model.emb, x_vec))  # mean coverage
     torch.testing.assert_close(model.conv(x_img), plain[0])  # hooks gone
     with pytest.raises(PaletteError, match="matches no resolution"):
-        handles = regional.install(dict(model.named_modules()), [[(lora, left)]], 1, (8, 8))
+        handles = regional.install(model, [[(lora, left)]], 1, (8, 8))
         try:
             model.proj(torch.randn(1, 10, 3))
         finally:
