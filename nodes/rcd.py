@@ -23,6 +23,7 @@ from ..rcca_core.rcd.refine import (RCD_PROMPT_KEY, RCD_SUBJECTS_KEY, check_alig
                                     offset_tokenizer, prompt_record, refine_embedding, shift_subjects, subject_records,
                                     word_ids, word_positions)
 from . import types
+from .families import JOINT_FAMILIES, encoder_family
 
 SUPPORTED = "SD1.5 (incl. LCM / Hyper / Turbo variants) and SDXL"  # the Latent Optimizer's models
 REFINER_SUPPORTED = f"{SUPPORTED}, SD3 / SD3.5 (CLIP-L + CLIP-G + T5-XXL) and Flux.1 (T5-XXL + CLIP-L)"
@@ -46,22 +47,6 @@ def _subject_list(text: str) -> list[str] | None:
     return parts or None
 
 
-def _family(clip) -> str:
-    """'sd3', 'flux' or 'clip' (SD1.5 / SDXL, and anything else, which _Tokens.tokenize then
-    refuses by its tokenizer keys): the layout of the context the text encoder returns."""
-    model = getattr(clip, "cond_stage_model", None)
-    try:
-        from comfy.text_encoders.flux import FluxClipModel
-        from comfy.text_encoders.sd3_clip import SD3ClipModel
-    except ImportError:  # a ComfyUI without these families
-        return "clip"
-    if isinstance(model, SD3ClipModel):
-        return "sd3"
-    if isinstance(model, FluxClipModel):
-        return "flux"
-    return "clip"
-
-
 _KEYS = {"sd3": {"l", "g", "t5xxl"}, "flux": {"l", "t5xxl"}}
 
 
@@ -71,7 +56,10 @@ class _Tokens:
 
     def __init__(self, clip) -> None:
         self.clip = clip
-        self.family = _family(clip)
+        # the layout of the context the text encoder returns: 'sd3', 'flux' or 'clip' (SD1.5 / SDXL, and
+        # anything else, which tokenize() then refuses by its tokenizer keys)
+        family = encoder_family(clip)
+        self.family = family if family in JOINT_FAMILIES else "clip"
         inner = getattr(clip, "tokenizer", None)
         sub = getattr(inner, "clip_l", None)
         self.end_token = int(getattr(sub, "end_token", None) or CLIP_END_TOKEN)

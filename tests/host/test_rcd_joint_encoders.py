@@ -3,14 +3,12 @@ Flux.1 (T5-XXL, CLIP-L pooled), on the tiny random checkpoints (fp32, CPU): the 
 against lambda * u + (1 - lambda) * v computed here from plain CLIPTextEncode outputs, with
 subject positions found here from the tokenizers' own ids; a 2-step KSampler run; refusals."""
 
-import importlib
-
 import pytest
 import torch
+from test_rcd_nodes import PROMPT, encode, rcd_nodes, refine  # the same refiner and encoder calls as on SD1.5
 
 TINY_FLUX_CKPT = "tiny_flux.safetensors"  # as tests/conftest.py writes them ("conftest" is not importable by name)
 TINY_SD3_CKPT = "tiny_sd3.safetensors"
-PROMPT = "a black kitten and a white dog on a red couch"
 SUBJECTS = ("a black kitten", "a white dog", "a red couch")  # what the rules parser finds
 
 
@@ -21,20 +19,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def rcd_nodes(host):
-    return importlib.import_module(host.pack_module("nodes").__name__ + ".rcd")
-
-
-def refine(host, clip, prompt=PROMPT, subjects="", lambda_t=0.5):
-    with torch.inference_mode():
-        return rcd_nodes(host).RCDEmbeddingRefiner.execute(clip, prompt, subjects, "rules", lambda_t).result[0]
-
-
-def encode(host, clip, text):
-    with torch.inference_mode():
-        return host.nodes.CLIPTextEncode().encode(clip, text)[0]
 
 
 def find(seq, sub):
